@@ -1,0 +1,133 @@
+"""Two segmentation networks trained by cross pseudo supervision, with projection heads."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import functional as DF
+
+__all__ = ["CoTrainingWrapper", "CoTrainingOutput", "ProjectionHead"]
+
+
+class CoTrainingOutput(NamedTuple):
+    """Outputs of :class:`CoTrainingWrapper`: logits and embeddings of both models."""
+
+    logits_a: torch.Tensor
+    logits_b: torch.Tensor
+    embeddings_a: torch.Tensor
+    embeddings_b: torch.Tensor
+
+
+class ProjectionHead(nn.Module):
+    """Projection head ``z`` of the paper: conv 1x1 - BN - ReLU - conv 1x1 (2D or 3D).
+
+    Args:
+        in_channels: channels of the feature map ``f``.
+        out_channels: embedding dimension ``D``.
+        hidden_channels: width of the hidden layer (default: ``in_channels``... at least
+            ``out_channels``).
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 64, hidden_channels: Optional[int] = None,
+                 spatial_dims: int = 2) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
+        hidden = hidden_channels or max(in_channels, out_channels)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        self.net = nn.Sequential(conv(in_channels, hidden, 1), norm(hidden), nn.ReLU(inplace=True),
+                                 conv(hidden, out_channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CoTrainingWrapper(nn.Module):
+    r"""Two segmentation networks for co-training (CPS), each with a projection head.
+
+    The features ``f`` are taken by a forward hook on a named submodule of each model
+    (``feature_layer``, e.g. ``"decoder"`` for segmentation-models-pytorch models), so any
+    ``nn.Module`` whose forward returns logits works unchanged. A projection head maps them
+    to the embeddings ``j = z(f)`` that DACL contrasts.
+
+    Args:
+        model_a, model_b: segmentation networks returning logits ``(N, C, *S)``.
+        feature_layer: dotted name of the submodule whose output is ``f`` (the same name in
+            both models). A tuple/list output takes its last element.
+        feature_channels: channels of ``f`` (16 for smp's U-Net default decoder).
+        embed_dim: embedding dimension ``D``.
+        hidden_dim: hidden width of the projection heads.
+        spatial_dims: 2 for ``(N, C, H, W)``, 3 for ``(N, C, D, H, W)``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> def net():
+        ...     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> wrapper = CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=8, embed_dim=16)
+        >>> out = wrapper(torch.randn(2, 1, 32, 32))
+        >>> out.logits_a.shape, out.embeddings_b.shape
+        (torch.Size([2, 4, 32, 32]), torch.Size([2, 16, 32, 32]))
+        >>> wrapper.cross_loss(out.logits_a, out.logits_b).ndim
+        0
+    """
+
+    def __init__(
+        self,
+        model_a: nn.Module,
+        model_b: nn.Module,
+        feature_layer: str,
+        feature_channels: int,
+        embed_dim: int = 64,
+        hidden_dim: Optional[int] = None,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        self.model_a = model_a
+        self.model_b = model_b
+        self.feature_layer = feature_layer
+        self.spatial_dims = spatial_dims
+        self.head_a = ProjectionHead(feature_channels, embed_dim, hidden_dim, spatial_dims)
+        self.head_b = ProjectionHead(feature_channels, embed_dim, hidden_dim, spatial_dims)
+        self._features: dict = {}
+        for key, model in (("a", model_a), ("b", model_b)):
+            try:
+                layer = model.get_submodule(feature_layer)
+            except AttributeError as e:
+                names = [n for n, _ in model.named_children()]
+                raise ValueError(f"feature_layer: expected the name of a submodule of model_{key} "
+                                 f"(children: {names}), got {feature_layer!r}") from e
+            layer.register_forward_hook(self._hook(key))
+
+    def _hook(self, key: str):
+        def hook(module, inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[-1]
+            self._features[key] = output
+        return hook
+
+    def _embed(self, key: str, head: nn.Module) -> torch.Tensor:
+        f = self._features.pop(key, None)
+        if f is None:
+            raise RuntimeError(f"the hook on {self.feature_layer!r} of model_{key} did not fire during forward")
+        if f.dim() != self.spatial_dims + 2:
+            raise ValueError(f"feature_layer output: expected shape (N, C, *spatial) with {self.spatial_dims} "
+                             f"spatial dims, got {tuple(f.shape)}")
+        return head(f)
+
+    def forward(self, x: torch.Tensor) -> CoTrainingOutput:
+        logits_a = self.model_a(x)
+        emb_a = self._embed("a", self.head_a)
+        logits_b = self.model_b(x)
+        emb_b = self._embed("b", self.head_b)
+        return CoTrainingOutput(logits_a, logits_b, emb_a, emb_b)
+
+    @staticmethod
+    def cross_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross pseudo supervision :math:`\\mathcal{L}_{cross}`, see
+        :func:`torch_dacl.functional.cross_pseudo_supervision_loss`."""
+        return DF.cross_pseudo_supervision_loss(logits_a, logits_b, mask)

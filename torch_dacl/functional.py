@@ -1,0 +1,585 @@
+"""The deterministic math of DACL (Tang et al., AAAI 2025), as pure functions.
+
+Equation numbers refer to the paper ("Neighbor Does Matter: Density-Aware Contrastive
+Learning for Medical Semi-supervised Segmentation", arXiv:2412.19871). The exact contracts
+are those of ``DESIGN.md`` section 1.
+
+Conventions
+-----------
+* All similarities are cosine similarities: functions that compare vectors
+  (:func:`knn_density`, the contrastive loss) L2-normalise their inputs inside.
+  :func:`masked_average_pool` averages the raw features.
+* Every result is float32 whatever the input dtype; similarities and top-k run in float32
+  with autocast disabled, gradients flow back to the input dtype.
+* Two layouts. *Flat* functions take ``(Q, D)`` vectors with ``(Q,)`` labels and are the
+  reference API of DESIGN.md. *Grouped* functions (``*_grouped``) take per-class padded
+  tensors ``(C, S, D)`` with a validity mask ``(C, S)``; they have static shapes, no host
+  synchronisation and compile with ``torch.compile(fullgraph=True)``. The flat functions
+  group their input (one host synchronisation to size the padding) and call the grouped ones,
+  so there is one implementation of each equation.
+* Memory stays linear in the number of queries and in the bank size: similarity matrices
+  are computed in chunks of queries (``chunk_elements`` bounds the elements of one chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_finite, check_float, check_ks, check_labels, check_positive, check_rank
+
+__all__ = [
+    "masked_average_pool",
+    "knn_density",
+    "knn_density_grouped",
+    "soft_density_contrastive_loss",
+    "soft_density_contrastive_loss_grouped",
+    "gaussian_rampup",
+    "group_by_label",
+    "sample_pixels_per_class",
+    "cross_pseudo_supervision_loss",
+]
+
+_WEIGHTINGS = ("paper", "scale", "none")
+_REDUCTIONS = ("mean", "sum", "none")
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M float32 = 64 MiB per similarity chunk
+
+
+def _float32(device: torch.device):
+    """Context in which matmuls run in float32 even inside an autocast region."""
+    if device.type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- Eq. 2
+def masked_average_pool(
+    features: torch.Tensor, probs: torch.Tensor, threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Masked average pooling of class prototypes (Eq. 2).
+
+    .. math:: v_n = \frac{\sum_{x} T_n(x)\, j(x)}{\sum_x T_n(x)},\qquad T_n = 1(M_n > \phi)
+
+    Args:
+        features: projected features ``j``, shape ``(N, D, *S)`` (2D ``S = (H, W)`` or 3D
+            ``S = (D, H, W)``). Raw features are averaged (no normalisation).
+        probs: class maps ``M``, shape ``(N, C, *S)``: probabilities or one-hot labels.
+        threshold: ``phi``; pixel ``x`` belongs to the mask of class ``n`` where
+            ``probs[:, n, x] > threshold``.
+
+    Returns:
+        ``(prototypes, valid)``: prototypes ``(N, C, D)`` float32, where an empty mask gives
+        a zero prototype, and ``valid (N, C)`` bool, False where the mask is empty.
+        Gradients flow to ``features``.
+
+    Example:
+        >>> feats = torch.randn(2, 8, 16, 16)
+        >>> probs = torch.softmax(torch.randn(2, 4, 16, 16), dim=1)
+        >>> protos, valid = masked_average_pool(feats, probs, threshold=0.3)
+        >>> protos.shape, valid.shape
+        (torch.Size([2, 4, 8]), torch.Size([2, 4]))
+    """
+    check_rank("features", features, (4, 5), "(N, D, *spatial)")
+    check_rank("probs", probs, (4, 5), "(N, C, *spatial)")
+    check_float("features", features)
+    if probs.shape[0] != features.shape[0] or probs.shape[2:] != features.shape[2:]:
+        raise ValueError(
+            f"probs: expected shape (N, C, *spatial) = ({features.shape[0]}, C, "
+            f"{', '.join(map(str, features.shape[2:]))}) to match features {tuple(features.shape)}, "
+            f"got {tuple(probs.shape)}"
+        )
+    n, d = features.shape[:2]
+    c = probs.shape[1]
+    with _float32(features.device):
+        mask = (probs.reshape(n, c, -1) > threshold).to(torch.float32)
+        sums = torch.einsum("ncp,ndp->ncd", mask, features.reshape(n, d, -1).to(torch.float32))
+        counts = mask.sum(-1)
+    prototypes = sums / counts.clamp_min(1.0).unsqueeze(-1)
+    return prototypes, counts > 0
+
+
+# ----------------------------------------------------------------------------- grouping
+def group_by_label(
+    labels: torch.Tensor,
+    num_classes: int,
+    max_per_class: int,
+    valid: Optional[torch.Tensor] = None,
+    shuffle: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Group the positions of a flat label vector by class into a padded index table.
+
+    Vectorised (one stable sort, no loop over classes, no host synchronisation).
+
+    Args:
+        labels: ``(M,)`` integer labels.
+        num_classes: ``C``. Labels outside ``[0, C)`` and positions where ``valid`` is False
+            are left out.
+        max_per_class: ``S``, the width of the table; a class with more members keeps the
+            first ``S`` (in input order, or in random order when ``shuffle``).
+        valid: optional ``(M,)`` bool mask of the positions to consider.
+        shuffle: randomise the order within each class (uniform sampling without
+            replacement).
+        generator: optional random generator for ``shuffle``.
+
+    Returns:
+        ``(index, mask)``: ``index (C, S)`` int64 positions into ``labels`` (0 where padded)
+        and ``mask (C, S)`` bool, True for real entries.
+    """
+    labels = labels.reshape(-1)
+    m = labels.numel()
+    device = labels.device
+    keep = (labels >= 0) & (labels < num_classes)
+    if valid is not None:
+        keep &= valid.reshape(-1).to(torch.bool)
+    eff = torch.where(keep, labels.long(), torch.full_like(labels, num_classes, dtype=torch.long))
+    if shuffle:
+        perm = torch.randperm(m, device=device, generator=generator)
+        order = perm[torch.argsort(eff[perm], stable=True)]
+    else:
+        order = torch.argsort(eff, stable=True)
+    counts = torch.bincount(eff, minlength=num_classes + 1)[:num_classes]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(max_per_class, device=device)
+    pos = starts.unsqueeze(1) + slot.unsqueeze(0)  # (C, S)
+    mask = slot.unsqueeze(0) < counts.unsqueeze(1)
+    pos = torch.where(mask, pos, torch.zeros_like(pos)).clamp_max(max(m - 1, 0))
+    index = order[pos] if m > 0 else torch.zeros_like(pos)
+    index = torch.where(mask, index, torch.zeros_like(index))
+    return index, mask
+
+
+def sample_pixels_per_class(
+    labels: torch.Tensor,
+    num_classes: int,
+    max_per_class: int,
+    ignore_index: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sample at most ``max_per_class`` pixels of each class uniformly without replacement.
+
+    The pixel-sampling step before Eq. 3-6: dense label maps have far more pixels than a
+    kNN graph can hold, so each class is subsampled to a fixed budget (static shapes).
+
+    Args:
+        labels: label map of any shape, e.g. ``(N, H, W)`` or ``(N, D, H, W)``; positions
+            are returned as indices into ``labels.reshape(-1)``.
+        num_classes: ``C``.
+        max_per_class: ``S``.
+        ignore_index: label value to skip (besides any value outside ``[0, C)``).
+        generator: optional random generator.
+
+    Returns:
+        ``(index (C, S) int64, mask (C, S) bool)`` as :func:`group_by_label`.
+
+    Example:
+        >>> labels = torch.tensor([[0, 1, 1, 255]])
+        >>> idx, mask = sample_pixels_per_class(labels, num_classes=2, max_per_class=3, ignore_index=255)
+        >>> mask.tolist()
+        [[True, False, False], [True, True, False]]
+    """
+    flat = labels.reshape(-1)
+    valid = None if ignore_index is None else flat != ignore_index
+    return group_by_label(flat, num_classes, max_per_class, valid=valid, shuffle=True, generator=generator)
+
+
+def _scatter_back(values: torch.Tensor, index: torch.Tensor, mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of grouping: place ``values (C, S)`` at ``index`` in a zero vector of ``size``."""
+    out = values.new_zeros(size)
+    src = torch.where(mask, values, torch.zeros_like(values))
+    return out.index_add(0, index.reshape(-1), src.reshape(-1))
+
+
+def _num_classes_from(labels: torch.Tensor, *others: Optional[torch.Tensor]) -> int:
+    for t in others:
+        if t is not None:
+            return int(t.shape[0])
+    return int(labels.max()) + 1 if labels.numel() else 1
+
+
+# ----------------------------------------------------------------------------- Eq. 3-5
+def _multi_scale_topk_mean(sims: torch.Tensor, num_valid: torch.Tensor, ks: Tuple[int, ...]) -> torch.Tensor:
+    """Mean over ``ks`` of the mean of the ``min(k, num_valid)`` largest entries (Eq. 3, 5).
+
+    ``sims (..., M)`` has invalid entries at ``-inf``; ``num_valid (...)`` counts the rest.
+    """
+    kmax = min(max(ks), sims.shape[-1])
+    if kmax == 0:
+        return torch.full(num_valid.shape, -1.0, device=sims.device)
+    top = sims.topk(kmax, dim=-1).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    csum = top.cumsum(-1)
+    total = torch.zeros(num_valid.shape, device=sims.device)
+    for k in ks:  # a handful of scales, not classes or pixels
+        kk = num_valid.clamp(max=min(k, kmax))
+        picked = csum.gather(-1, (kk - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        total = total + picked / kk.clamp_min(1)
+    density = total / len(ks)
+    return torch.where(num_valid > 0, density, torch.full_like(density, -1.0))
+
+
+def knn_density_grouped(
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    ks: Sequence[int],
+    bank: Optional[torch.Tensor] = None,
+    bank_valid: Optional[torch.Tensor] = None,
+    chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    r"""Multi-scale kNN density of per-class groups of queries (Eq. 3-5), grouped layout.
+
+    For query ``v`` of class ``n`` the neighbours are the other valid queries of group ``n``
+    and the valid bank entries of class ``n`` (:math:`\mathcal{G}_n \cup \mathcal{V}_n`).
+    :math:`d^k_v` is the mean cosine similarity to the ``min(k, #neighbours)`` most similar
+    neighbours (Eq. 3), and :math:`d_v` the mean over ``ks`` (Eq. 4-5). A query with no
+    neighbour gets -1. No gradient flows through the result.
+
+    Args:
+        features: ``(C, S, D)`` queries grouped by class.
+        valid: ``(C, S)`` bool, True for real queries.
+        ks: neighbourhood sizes, e.g. ``(8, 16, 32)``.
+        bank: optional ``(C, L, D)`` memory bank.
+        bank_valid: optional ``(C, L)`` bool; all True when omitted.
+        chunk_elements: bound on the elements of one similarity chunk (memory linear in
+            ``S`` and ``L``).
+
+    Returns:
+        ``(C, S)`` float32 densities in ``[-1, 1]``; -1 at padded positions.
+
+    Compiles with ``torch.compile(fullgraph=True)`` (static shapes, no host sync).
+    """
+    ks = check_ks(ks)
+    c, s, d = features.shape
+    with torch.no_grad(), _float32(features.device):
+        q = F.normalize(features.detach().to(torch.float32), dim=-1)
+        valid = valid.to(torch.bool)
+        if bank is not None:
+            b = F.normalize(bank.detach().to(torch.float32), dim=-1)
+            bvalid = torch.ones(b.shape[:2], dtype=torch.bool, device=b.device) if bank_valid is None \
+                else bank_valid.to(torch.bool)
+            nb = bvalid.sum(-1)
+        else:
+            nb = torch.zeros(c, dtype=torch.long, device=features.device)
+        num_nb = (valid.sum(-1) - 1).clamp_min(0) + nb  # (C,) neighbours of a valid query
+        width = s + (b.shape[1] if bank is not None else 0)
+        chunk = max(1, min(s, chunk_elements // max(1, c * width)))
+        out = []
+        for start in range(0, s, chunk):  # chunks of queries bound the memory
+            qc = q[:, start:start + chunk]
+            sims = torch.einsum("cqd,csd->cqs", qc, q)
+            idx = torch.arange(start, start + qc.shape[1], device=q.device)
+            not_self = idx.unsqueeze(1) != torch.arange(s, device=q.device).unsqueeze(0)
+            sims = sims.masked_fill(~(valid.unsqueeze(1) & not_self.unsqueeze(0)), float("-inf"))
+            if bank is not None:
+                bs = torch.einsum("cqd,cld->cql", qc, b).masked_fill(~bvalid.unsqueeze(1), float("-inf"))
+                sims = torch.cat([sims, bs], dim=-1)
+            nv = num_nb.unsqueeze(1).expand(c, qc.shape[1])
+            out.append(_multi_scale_topk_mean(sims, nv, ks))
+        dens = torch.cat(out, dim=1) if out else torch.zeros(c, 0, device=features.device)
+        return torch.where(valid, dens, torch.full_like(dens, -1.0))
+
+
+def knn_density(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    ks: Sequence[int],
+    bank: Optional[torch.Tensor] = None,
+    bank_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Multi-scale kNN feature density (Eq. 3-5), flat layout of DESIGN.md.
+
+    .. math:: d^k_v = \frac{1}{|NN_k(v)|}\sum_{r\in NN_k(v)} \tilde f_r^\top \tilde f_v,
+              \qquad d_v = \frac{1}{|ks|}\sum_{k\in ks} d^k_v
+
+    The neighbours of query ``i`` are the other queries with the same label (never ``i``
+    itself) and the valid bank entries of its label; ``|NN_k| = min(k, #neighbours)``.
+    A query with no neighbour gets -1 (the lowest possible density). No gradient flows.
+
+    Args:
+        features: ``(Q, D)`` queries.
+        labels: ``(Q,)`` int64 in ``[0, C)``.
+        ks: sequence of ints >= 1 (``(8, 16, 32)`` in the paper's setting, DESIGN.md 3.2).
+        bank: optional ``(C, L, D)`` class memory bank.
+        bank_valid: optional ``(C, L)`` bool mask of filled bank slots.
+
+    Returns:
+        ``(Q,)`` float32 densities in ``[-1, 1]``.
+
+    Note:
+        Grouping the queries by class costs one host synchronisation (to size the padding);
+        :class:`~torch_dacl.SoftDensityContrastiveLoss` uses :func:`knn_density_grouped`
+        with a fixed per-class budget instead.
+
+    Example:
+        >>> feats = torch.randn(10, 4)
+        >>> labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+        >>> knn_density(feats, labels, ks=(1, 2)).shape
+        torch.Size([10])
+    """
+    ks = check_ks(ks)
+    check_rank("features", features, (2,), "(Q, D)")
+    check_float("features", features)
+    check_rank("labels", labels, (1,), "(Q,)")
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels: expected shape ({features.shape[0]},) to match features {tuple(features.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if bank is not None:
+        check_rank("bank", bank, (3,), "(C, L, D)")
+        if bank.shape[-1] != features.shape[-1]:
+            raise ValueError(f"bank: expected feature dim D={features.shape[-1]} as in features, "
+                             f"got shape {tuple(bank.shape)}")
+        if bank_valid is not None and bank_valid.shape != bank.shape[:2]:
+            raise ValueError(f"bank_valid: expected shape {tuple(bank.shape[:2])}, got {tuple(bank_valid.shape)}")
+    c = _num_classes_from(labels, bank)
+    check_labels("labels", labels, c)
+    q = features.shape[0]
+    if q == 0:
+        return torch.zeros(0, device=features.device)
+    width = int(torch.bincount(labels, minlength=c).max())  # host sync: size of the padding
+    index, mask = group_by_label(labels, c, width)
+    dens = knn_density_grouped(features[index], mask, ks, bank, bank_valid)
+    return _scatter_back(dens, index, mask, q)
+
+
+# ----------------------------------------------------------------------------- Eq. 9-10
+def soft_density_contrastive_loss_grouped(
+    anchors: torch.Tensor,
+    anchors_valid: torch.Tensor,
+    centers: torch.Tensor,
+    negatives: torch.Tensor,
+    negatives_valid: Optional[torch.Tensor] = None,
+    temperature: float = 0.4,
+    weighting: str = "paper",
+    gamma: Optional[float] = None,
+    include_positive: bool = False,
+    centers_valid: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-anchor terms of the soft density-guided contrastive loss (Eq. 9-10), grouped.
+
+    For anchor :math:`m_i` of class :math:`n` (all vectors L2-normalised):
+
+    .. math::
+        s_i = m_i\cdot c_n/\tau,\qquad
+        w_i = \frac{1}{\gamma}\,\mathrm{softmax}_{j\in\mathcal{M}^n}(m_j\cdot c_n)_i,\qquad
+        \ell_i = -\log\frac{w_i\,e^{s_i}}{\sum_{p\in\mathcal{P}^{n,-}} e^{m_i\cdot p/\tau}}
+
+    ``gamma=None`` means :math:`\gamma = 1/|\mathcal{M}^n|` so the weights of a class average
+    1. ``weighting="paper"`` is Eq. 9-10 as written (gradient flows through :math:`w_i`);
+    ``"scale"`` detaches :math:`w_i` and uses :math:`-w_i\log(e^{s_i}/\Sigma)`; ``"none"``
+    sets :math:`w_i=1`. ``include_positive`` adds :math:`e^{s_i}` to the denominator
+    (InfoNCE form; a deviation from Eq. 10, off by default).
+
+    Args:
+        anchors: ``(C, Q, D)`` anchors grouped by class (gradient flows).
+        anchors_valid: ``(C, Q)`` bool.
+        centers: ``(C, D)`` positive centers :math:`p^{n,+}_{center}` (Eq. 8).
+        negatives: ``(C, P, D)`` negative keys of each class.
+        negatives_valid: ``(C, P)`` bool; all True when omitted.
+        temperature: :math:`\tau` (0.4 in the paper).
+        weighting: ``"paper"``, ``"scale"`` or ``"none"``.
+        gamma: :math:`\gamma` or None.
+        include_positive: add the positive to the denominator.
+        centers_valid: ``(C,)`` bool; all True when omitted.
+
+    Returns:
+        ``(terms (C, Q) float32, contributing (C, Q) bool)``. An anchor contributes when it
+        is valid, its class has a valid center and at least one valid negative; other terms
+        are 0 (connected to the graph of ``anchors``).
+
+    Compiles with ``torch.compile(fullgraph=True)``.
+    """
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {_WEIGHTINGS}, got {weighting!r}")
+    check_positive("temperature", temperature)
+    if gamma is not None:
+        check_positive("gamma", gamma)
+    c, q, d = anchors.shape
+    dev = anchors.device
+    if negatives_valid is None:
+        negatives_valid = torch.ones(negatives.shape[:2], dtype=torch.bool, device=dev)
+    if centers_valid is None:
+        centers_valid = torch.ones(c, dtype=torch.bool, device=dev)
+    anchors_valid = anchors_valid.to(torch.bool)
+    negatives_valid = negatives_valid.to(torch.bool)
+    with _float32(dev):
+        m = F.normalize(anchors.to(torch.float32), dim=-1)
+        cen = F.normalize(centers.to(torch.float32), dim=-1)
+        neg = F.normalize(negatives.to(torch.float32), dim=-1)
+        cos_pos = torch.einsum("cqd,cd->cq", m, cen)
+        s = cos_pos / temperature
+        neg_logits = torch.einsum("cqd,cpd->cqp", m, neg) / temperature
+    has_neg = negatives_valid.any(-1)  # (C,)
+    # a class without any valid negative keeps finite logits (its terms are masked below)
+    neg_mask = negatives_valid | ~has_neg.unsqueeze(-1)
+    neg_logits = neg_logits.masked_fill(~neg_mask.unsqueeze(1), float("-inf"))
+    if include_positive:
+        neg_logits = torch.cat([s.unsqueeze(-1), neg_logits], dim=-1)
+    lse = torch.logsumexp(neg_logits, dim=-1)  # (C, Q)
+    contributing = anchors_valid & (has_neg & centers_valid).unsqueeze(-1)
+    log_ratio = s - lse
+    if weighting == "none":
+        terms = -log_ratio
+    else:
+        n_anchor = anchors_valid.sum(-1, keepdim=True)  # (C, 1)
+        logits = torch.where(anchors_valid, cos_pos, torch.full_like(cos_pos, float("-inf")))
+        logits = torch.where(n_anchor > 0, logits, torch.zeros_like(logits))
+        log_sm = torch.log_softmax(logits, dim=-1)
+        log_inv_gamma = n_anchor.clamp_min(1).to(torch.float32).log() if gamma is None else -math.log(gamma)
+        log_w = log_sm + log_inv_gamma
+        if weighting == "paper":
+            terms = -(log_w + log_ratio)
+        else:  # "scale"
+            terms = -torch.exp(log_w).detach() * log_ratio
+    terms = torch.where(contributing, terms, torch.zeros_like(terms))
+    return terms, contributing
+
+
+def _reduce(terms: torch.Tensor, contributing: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return terms.sum()
+    if reduction == "mean":
+        return terms.sum() / contributing.sum().clamp_min(1)
+    return terms
+
+
+def soft_density_contrastive_loss(
+    anchors: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    centers: torch.Tensor,
+    negatives: torch.Tensor,
+    negatives_valid: Optional[torch.Tensor] = None,
+    temperature: float = 0.4,
+    weighting: str = "paper",
+    gamma: Optional[float] = None,
+    include_positive: bool = False,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    r"""Soft density-guided contrastive loss (Eq. 9-10), flat layout of DESIGN.md.
+
+    .. math::
+        \mathcal{L}_{contra} = -\sum_{n}\sum_{m_i\in\mathcal{M}^n}
+        \log\frac{w_i \exp(m_i\cdot p^{n,+}_{center}/\tau)}
+                 {\sum_{p\in\mathcal{P}^{n,-}}\exp(m_i\cdot p/\tau)}
+
+    with :math:`w_i` of Eq. 9 (see :func:`soft_density_contrastive_loss_grouped` for the
+    weighting options). All vectors are L2-normalised inside.
+
+    Args:
+        anchors: ``(A, D)`` anchors :math:`m_i` (low-density features, Eq. 6).
+        anchor_labels: ``(A,)`` int64 class of each anchor, in ``[0, C)``.
+        centers: ``(C, D)`` class centers from the positive keys (Eq. 7-8).
+        negatives: ``(C, P, D)`` the negative set :math:`\mathcal{P}^{n,-}` of each class.
+        negatives_valid: ``(C, P)`` bool mask; all True when omitted.
+        temperature: :math:`\tau > 0`.
+        weighting: ``"paper"`` (Eq. 9-10 as written), ``"scale"`` or ``"none"``.
+        gamma: :math:`\gamma`; None means ``1 / (number of anchors of the class)``.
+        include_positive: add :math:`\exp(s_i)` to the denominator (not in Eq. 10).
+        reduction: ``"mean"`` over contributing anchors, ``"sum"`` (Eq. 10), or ``"none"``
+            for ``(A,)`` terms with 0 for anchors that do not contribute.
+
+    Returns:
+        The loss (float32). A class with no valid negative contributes nothing; with no
+        contributing anchor the result is a zero connected to the graph of ``anchors``.
+
+    Note:
+        Grouping the anchors costs one host synchronisation;
+        :func:`soft_density_contrastive_loss_grouped` has none.
+
+    Example:
+        >>> anchors = torch.randn(6, 8, requires_grad=True)
+        >>> labels = torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> loss = soft_density_contrastive_loss(anchors, labels, torch.randn(2, 8), torch.randn(2, 5, 8))
+        >>> loss.backward()
+        >>> bool(torch.isfinite(anchors.grad).all())
+        True
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    check_rank("anchors", anchors, (2,), "(A, D)")
+    check_float("anchors", anchors)
+    check_rank("anchor_labels", anchor_labels, (1,), "(A,)")
+    check_rank("centers", centers, (2,), "(C, D)")
+    check_rank("negatives", negatives, (3,), "(C, P, D)")
+    a, d = anchors.shape
+    c = centers.shape[0]
+    if anchor_labels.shape[0] != a:
+        raise ValueError(f"anchor_labels: expected shape ({a},) to match anchors {tuple(anchors.shape)}, "
+                         f"got {tuple(anchor_labels.shape)}")
+    if centers.shape[1] != d:
+        raise ValueError(f"centers: expected shape ({c}, {d}) (D as in anchors), got {tuple(centers.shape)}")
+    if negatives.shape[0] != c or negatives.shape[2] != d:
+        raise ValueError(f"negatives: expected shape ({c}, P, {d}), got {tuple(negatives.shape)}")
+    if negatives_valid is not None and negatives_valid.shape != negatives.shape[:2]:
+        raise ValueError(f"negatives_valid: expected shape {tuple(negatives.shape[:2])}, "
+                         f"got {tuple(negatives_valid.shape)}")
+    check_labels("anchor_labels", anchor_labels, c)
+    width = int(torch.bincount(anchor_labels, minlength=c).max()) if a else 0  # host sync
+    index, mask = group_by_label(anchor_labels, c, width)
+    terms, contributing = soft_density_contrastive_loss_grouped(
+        anchors[index], mask, centers, negatives, negatives_valid,
+        temperature=temperature, weighting=weighting, gamma=gamma, include_positive=include_positive,
+    )
+    if reduction == "none":
+        return _scatter_back(terms, index, mask, a)
+    return _reduce(terms, contributing, reduction)
+
+
+# ----------------------------------------------------------------------------- Eq. 1
+def gaussian_rampup(step: float, total_steps: float, max_weight: float = 0.1, warmup_steps: float = 1000) -> float:
+    r"""Gaussian ramp-up of :math:`\lambda_{CL}` (Eq. 1).
+
+    .. math:: \lambda(t) = 0.1\, e^{-5(1 - t/t_{max})^2}
+
+    0 while ``step < warmup_steps`` (the paper's first 1,000 iterations), else
+    ``max_weight * exp(-5 * (1 - min(step / total_steps, 1)) ** 2)``.
+
+    Example:
+        >>> gaussian_rampup(30000, 30000)
+        0.1
+        >>> gaussian_rampup(500, 30000)
+        0.0
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps: expected a value > 0, got {total_steps!r}")
+    if step < warmup_steps:
+        return 0.0
+    t = min(float(step) / float(total_steps), 1.0)
+    return float(max_weight) * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+# ----------------------------------------------------------------------------- L_cross
+def cross_pseudo_supervision_loss(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Cross pseudo supervision :math:`\mathcal{L}_{cross}` (Eq. 1; Chen et al., CVPR 2021).
+
+    Each model learns the other's hard pseudo label:
+    ``CE(logits_a, argmax(logits_b)) + CE(logits_b, argmax(logits_a))``, pseudo labels
+    detached.
+
+    Args:
+        logits_a, logits_b: ``(N, C, *S)`` logits of the two models.
+        mask: optional ``(N, *S)`` bool, pixels that take part (e.g. a confidence mask).
+
+    Returns:
+        Scalar float32 loss; 0 connected to the graph when the mask is empty.
+    """
+    check_rank("logits_a", logits_a, (4, 5), "(N, C, *spatial)")
+    if logits_b.shape != logits_a.shape:
+        raise ValueError(f"logits_b: expected shape {tuple(logits_a.shape)} as logits_a, got {tuple(logits_b.shape)}")
+    pl_a = logits_a.detach().argmax(1)
+    pl_b = logits_b.detach().argmax(1)
+    ce_a = F.cross_entropy(logits_a.float(), pl_b, reduction="none")
+    ce_b = F.cross_entropy(logits_b.float(), pl_a, reduction="none")
+    if mask is None:
+        return ce_a.mean() + ce_b.mean()
+    if mask.shape != ce_a.shape:
+        raise ValueError(f"mask: expected shape {tuple(ce_a.shape)}, got {tuple(mask.shape)}")
+    m = mask.to(ce_a.dtype)
+    return ((ce_a + ce_b) * m).sum() / m.sum().clamp_min(1.0)

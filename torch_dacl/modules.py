@@ -1,0 +1,126 @@
+"""Thin module faces of the functional core: configuration and state, no math."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import functional as DF
+from ._validation import check_ks
+
+__all__ = ["MaskedAveragePool", "MultiScaleDensity", "GaussianRampUp"]
+
+
+class MaskedAveragePool(nn.Module):
+    r"""Class prototypes by masked average pooling (Eq. 2).
+
+    Calls :func:`torch_dacl.functional.masked_average_pool`.
+
+    Args:
+        threshold: :math:`\phi`, the reliability threshold of the 0-1 seed mask. The paper
+            reports results insensitive to it (Fig. 5c) and gives no default; 0.5 is our
+            choice (with one-hot labels any value in ``[0, 1)`` gives the same masks).
+
+    Example:
+        >>> pool = MaskedAveragePool(threshold=0.5)
+        >>> protos, valid = pool(torch.randn(2, 8, 4, 4, 4), torch.rand(2, 3, 4, 4, 4))
+        >>> protos.shape
+        torch.Size([2, 3, 8])
+    """
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = float(threshold)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
+
+    def forward(self, features: torch.Tensor, probs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return DF.masked_average_pool(features, probs, self.threshold)
+
+
+class MultiScaleDensity(nn.Module):
+    r"""Multi-scale kNN density (Eq. 3-5).
+
+    Calls :func:`torch_dacl.functional.knn_density`. ``ks=(k,)`` gives the single-scale
+    density of ablation III.
+
+    Args:
+        ks: neighbourhood sizes (DESIGN.md 3.2: ``(8, 16, 32)``).
+
+    Example:
+        >>> density = MultiScaleDensity(ks=(2, 4))
+        >>> d = density(torch.randn(12, 16), torch.randint(0, 3, (12,)), bank=torch.randn(3, 5, 16))
+        >>> bool(((d >= -1) & (d <= 1)).all())
+        True
+    """
+
+    def __init__(self, ks: Sequence[int] = (8, 16, 32)) -> None:
+        super().__init__()
+        self.ks = check_ks(ks)
+
+    def extra_repr(self) -> str:
+        return f"ks={self.ks}"
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        bank: Optional[torch.Tensor] = None,
+        bank_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return DF.knn_density(features, labels, self.ks, bank, bank_valid)
+
+
+class GaussianRampUp(nn.Module):
+    r"""Gaussian warm-up schedule of :math:`\lambda_{CL}` (Eq. 1), as a stateful scheduler.
+
+    Holds the step counter in a buffer (saved in ``state_dict``). Use it like an LR
+    scheduler: read :attr:`value` (or call the module) for the current weight and call
+    :meth:`step` once per optimisation step.
+
+    Args:
+        total_steps: :math:`t_{max}` (30,000 in the paper).
+        max_weight: the factor 0.1 of Eq. 1.
+        warmup_steps: steps with weight 0 (1,000 in the paper, "to prevent model collapse
+            caused by the initialized prototypes").
+
+    Example:
+        >>> ramp = GaussianRampUp(total_steps=100, warmup_steps=10)
+        >>> ramp.value
+        0.0
+        >>> for _ in range(100):
+        ...     ramp.step()
+        >>> round(ramp.value, 4)
+        0.1
+    """
+
+    step_count: torch.Tensor
+
+    def __init__(self, total_steps: int, max_weight: float = 0.1, warmup_steps: int = 1000) -> None:
+        super().__init__()
+        if total_steps < 1:
+            raise ValueError(f"total_steps: expected an int >= 1, got {total_steps!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+        self.total_steps = int(total_steps)
+        self.max_weight = float(max_weight)
+        self.warmup_steps = int(warmup_steps)
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"total_steps={self.total_steps}, max_weight={self.max_weight}, warmup_steps={self.warmup_steps}"
+
+    @property
+    def value(self) -> float:
+        """Current weight :math:`\\lambda_{CL}(t)`."""
+        return DF.gaussian_rampup(int(self.step_count), self.total_steps, self.max_weight, self.warmup_steps)
+
+    def step(self) -> None:
+        """Advance the schedule by one optimisation step."""
+        self.step_count += 1
+
+    def forward(self) -> float:
+        return self.value
