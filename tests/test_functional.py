@@ -1,0 +1,180 @@
+"""Reference tests: each functional op against the naive loop implementation of tests/naive.py."""
+
+import math
+
+import pytest
+import torch
+
+import torch_dacl.functional as DF
+from naive import naive_knn_density, naive_masked_average_pool, naive_rampup, naive_sdcl
+
+
+@pytest.mark.parametrize("spatial", [(5, 4), (3, 4, 2)])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_masked_average_pool_matches_reference(spatial, one_hot):
+    g = torch.Generator().manual_seed(0)
+    n, d, c = 3, 6, 4
+    feats = torch.randn((n, d) + spatial, generator=g)
+    if one_hot:
+        lab = torch.randint(0, c - 1, (n,) + spatial, generator=g)  # class c-1 always empty
+        probs = torch.nn.functional.one_hot(lab, c).movedim(-1, 1).float()
+    else:
+        probs = torch.softmax(3 * torch.randn((n, c) + spatial, generator=g), 1)
+    protos, valid = DF.masked_average_pool(feats, probs, 0.4)
+    ref_p, ref_v = naive_masked_average_pool(feats, probs, 0.4)
+    assert protos.dtype == torch.float32
+    assert torch.equal(valid, ref_v)
+    torch.testing.assert_close(protos.double(), ref_p, atol=1e-5, rtol=1e-5)
+    if one_hot:
+        assert not valid[:, c - 1].any() and torch.all(protos[:, c - 1] == 0)
+
+
+def _clustered(q, d, c, generator):
+    labels = torch.randint(0, c, (q,), generator=generator)
+    centers = torch.randn(c, d, generator=generator)
+    return centers[labels] + 0.7 * torch.randn(q, d, generator=generator), labels
+
+
+@pytest.mark.parametrize("with_bank", [False, True])
+@pytest.mark.parametrize("ks", [(1,), (2, 5), (3, 8, 50)])
+def test_knn_density_matches_reference(with_bank, ks):
+    g = torch.Generator().manual_seed(1)
+    q, d, c, L = 23, 5, 4, 6
+    feats, labels = _clustered(q, d, c, g)
+    labels[labels == 3] = 2  # class 3 has no query
+    labels[0] = 3  # ... except one: no batch neighbour
+    bank = bank_valid = None
+    if with_bank:
+        bank = torch.randn(c, L, d, generator=g)
+        bank_valid = torch.rand(c, L, generator=g) > 0.3
+        bank_valid[3] = False  # the lone query of class 3 has no neighbour at all
+    dens = DF.knn_density(feats, labels, ks, bank, bank_valid)
+    ref = naive_knn_density(feats, labels, ks, bank, bank_valid)
+    assert dens.dtype == torch.float32
+    torch.testing.assert_close(dens.double(), ref, atol=1e-5, rtol=1e-5)
+    assert dens[0] == -1.0
+
+
+def test_knn_density_with_ties_and_tiny_classes():
+    # duplicated vectors (exact ties) and a class of size 1 and 2
+    base = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    feats = torch.cat([base, base, base[:1], torch.tensor([[-1.0, 0.0], [0.0, -1.0]])])
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 2])
+    dens = DF.knn_density(feats, labels, (1, 2, 3))
+    ref = naive_knn_density(feats, labels, (1, 2, 3))
+    torch.testing.assert_close(dens.double(), ref, atol=1e-6, rtol=1e-6)
+    assert dens[7] == -1.0 and dens[8] == -1.0
+
+
+def test_knn_density_grouped_chunking_is_exact():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 40, 8, generator=g)
+    valid = torch.rand(3, 40, generator=g) > 0.2
+    bank = torch.randn(3, 17, 8, generator=g)
+    full = DF.knn_density_grouped(x, valid, (4, 9), bank)
+    tiny = DF.knn_density_grouped(x, valid, (4, 9), bank, chunk_elements=1)
+    torch.testing.assert_close(full, tiny)
+    assert torch.all(full[~valid] == -1)
+
+
+@pytest.mark.parametrize("weighting", ["paper", "scale", "none"])
+@pytest.mark.parametrize("gamma", [None, 0.5])
+@pytest.mark.parametrize("include_positive", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sdcl_matches_reference(weighting, gamma, include_positive, reduction):
+    g = torch.Generator().manual_seed(3)
+    a, d, c, p = 11, 6, 4, 5
+    anchors = torch.randn(a, d, generator=g)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 0, 3, 3])
+    centers = torch.randn(c, d, generator=g)
+    negatives = torch.randn(c, p, d, generator=g)
+    neg_valid = torch.rand(c, p, generator=g) > 0.3
+    neg_valid[3] = False  # class 3 has no valid negative: contributes nothing
+    neg_valid[0, 0] = True
+    loss = DF.soft_density_contrastive_loss(anchors, labels, centers, negatives, neg_valid, temperature=0.3,
+                                            weighting=weighting, gamma=gamma, include_positive=include_positive,
+                                            reduction=reduction)
+    ref = naive_sdcl(anchors, labels, centers, negatives, neg_valid, temperature=0.3, weighting=weighting,
+                     gamma=gamma, include_positive=include_positive, reduction=reduction)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
+    if reduction == "none":
+        assert torch.all(loss[labels == 3] == 0)
+
+
+def test_sdcl_gradient_matches_reference_autograd():
+    """Gradients through w_i ('paper') equal those of a double-precision autograd reference."""
+    g = torch.Generator().manual_seed(4)
+    anchors = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    centers = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    negs = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+
+    a1 = anchors.clone().float().requires_grad_()
+    DF.soft_density_contrastive_loss(a1, labels, centers.float(), negs.float(), reduction="sum").backward()
+
+    a2 = anchors.clone().requires_grad_()
+    m = torch.nn.functional.normalize(a2, dim=-1)
+    cn = torch.nn.functional.normalize(centers, dim=-1)
+    ng = torch.nn.functional.normalize(negs, dim=-1)
+    total = 0
+    for i in range(7):
+        n = int(labels[i])
+        same = (labels == n).nonzero().flatten()
+        w = len(same) * torch.softmax(m[same] @ cn[n], 0)[(same == i).nonzero().item()]
+        s = m[i] @ cn[n] / 0.4
+        total = total - torch.log(w * torch.exp(s) / torch.exp(ng[n] @ m[i] / 0.4).sum())
+    total.backward()
+    torch.testing.assert_close(a1.grad.double(), a2.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_sdcl_nothing_contributes_gives_connected_zero():
+    anchors = torch.randn(4, 3, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    loss = DF.soft_density_contrastive_loss(anchors, labels, torch.randn(2, 3), torch.randn(2, 2, 3),
+                                            torch.zeros(2, 2, dtype=torch.bool))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.all(anchors.grad == 0)
+
+
+@pytest.mark.parametrize("step", [0, 999, 1000, 1500, 15000, 29999, 30000, 45000])
+def test_gaussian_rampup_matches_formula(step):
+    assert math.isclose(DF.gaussian_rampup(step, 30000), naive_rampup(step, 30000), rel_tol=1e-12, abs_tol=0)
+
+
+def test_gaussian_rampup_is_monotone_and_capped():
+    vals = [DF.gaussian_rampup(s, 100, 0.1, 10) for s in range(0, 200)]
+    assert all(b >= a for a, b in zip(vals, vals[1:]))
+    assert max(vals) == pytest.approx(0.1)
+    assert vals[:10] == [0.0] * 10
+
+
+def test_group_by_label_layout():
+    labels = torch.tensor([2, 0, 2, 5, 0, 2, -1, 2])
+    idx, mask = DF.group_by_label(labels, num_classes=3, max_per_class=3)
+    assert mask.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    assert idx[0, :2].tolist() == [1, 4] and idx[2].tolist() == [0, 2, 5]
+
+
+def test_sample_pixels_per_class_is_uniform_without_replacement():
+    labels = torch.tensor([0] * 10 + [1] * 3)
+    seen = torch.zeros(10)
+    for seed in range(200):
+        idx, mask = DF.sample_pixels_per_class(labels, 2, 4, generator=torch.Generator().manual_seed(seed))
+        assert mask[0].all() and mask[1].tolist() == [True, True, True, False]
+        assert len(set(idx[0].tolist())) == 4 and set(idx[1, :3].tolist()) == {10, 11, 12}
+        seen[idx[0]] += 1
+    # each of the 10 pixels is drawn with probability 0.4: 80 of 200 on average
+    assert seen.min() > 50 and seen.max() < 110
+
+
+def test_cross_pseudo_supervision_is_symmetric_ce():
+    g = torch.Generator().manual_seed(5)
+    la = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+    lb = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+    loss = DF.cross_pseudo_supervision_loss(la, lb)
+    ref = torch.nn.functional.cross_entropy(la, lb.argmax(1)) + torch.nn.functional.cross_entropy(lb, la.argmax(1))
+    torch.testing.assert_close(loss, ref)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    assert DF.cross_pseudo_supervision_loss(la, lb, mask).item() == 0.0

@@ -1,0 +1,238 @@
+"""Module behaviour: bad input, degenerate input, options, state, compilation, co-training."""
+
+import pytest
+import torch
+from torch import nn
+
+import torch_dacl.functional as DF
+from torch_dacl import (ClassMemoryBank, CoTrainingWrapper, GaussianRampUp, MaskedAveragePool, MultiScaleDensity,
+                        SoftDensityContrastiveLoss)
+
+
+def small(**kw):
+    base = dict(num_classes=3, dim=8, ks=(2, 4), num_anchors=8, num_positives=8, num_negatives=8, bank_size=16,
+                max_samples_per_class=32)
+    base.update(kw)
+    return SoftDensityContrastiveLoss(**base)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: small()(torch.randn(2, 8, 4), torch.zeros(2, 4, dtype=torch.long)), r"embeddings: expected .*rank"),
+        (lambda: small()(torch.randn(2, 7, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)), r"embeddings: expected 8 channels"),
+        (lambda: small()(torch.randn(2, 8, 4, 4), torch.zeros(3, 4, 4, dtype=torch.long)), r"labels: expected shape \(N, \*spatial\) = \(2, 4, 4\)"),
+        (lambda: small()(torch.randn(2, 8, 4, 4), torch.zeros(2, 4, 4)), r"labels: expected an integer tensor.*float32"),
+        (lambda: small()(torch.randn(2, 8, 4, 4), torch.full((2, 4, 4), 3)), r"labels: expected values in \[0, 3\) or ignore_index=-100, got values in \[3, 3\]"),
+        (lambda: small()(torch.full((2, 8, 4, 4), float("nan")), torch.zeros(2, 4, 4, dtype=torch.long)), r"embeddings: expected finite"),
+        (lambda: small()(torch.randn(2, 8, 4, 4, dtype=torch.float64).int(), torch.zeros(2, 4, 4, dtype=torch.long)), r"embeddings: expected a floating point"),
+        (lambda: small()(torch.randn(2, 8, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), probs=torch.rand(2, 2, 4, 4)), r"probs: expected shape \(2, 3, 4, 4\)"),
+        (lambda: small(temperature=0.0), r"temperature: expected a value > 0, got 0.0"),
+        (lambda: small(ks=(4, 0)), r"ks: expected .* >= 1"),
+        (lambda: small(weighting="soft"), r"weighting: expected one of"),
+        (lambda: small(num_anchors=0), r"num_anchors: expected an int >= 1"),
+        (lambda: DF.knn_density(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), (2,), bank=torch.randn(1, 3, 6)), r"bank: expected feature dim D=4.*\(1, 3, 6\)"),
+        (lambda: DF.knn_density(torch.randn(5, 4), torch.zeros(4, dtype=torch.long), (2,)), r"labels: expected shape \(5,\)"),
+        (lambda: DF.knn_density(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), ()), r"ks: expected a non-empty"),
+        (lambda: DF.masked_average_pool(torch.randn(2, 4, 3, 3), torch.rand(2, 2, 3, 4), 0.5), r"probs: expected shape"),
+        (lambda: DF.soft_density_contrastive_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3), torch.randn(2, 5, 3), temperature=-1), r"temperature: expected a value > 0"),
+        (lambda: DF.soft_density_contrastive_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 4), torch.randn(2, 5, 3)), r"centers: expected shape \(2, 3\)"),
+        (lambda: DF.soft_density_contrastive_loss(torch.randn(4, 3), torch.full((4,), 2), torch.randn(2, 3), torch.randn(2, 5, 3)), r"anchor_labels: expected values in \[0, 2\)"),
+        (lambda: ClassMemoryBank(2, 4, 5).push(torch.randn(3, 6), torch.zeros(3, dtype=torch.long)), r"features: expected shape \(M, 4\) for a bank of dim 4, got \(3, 6\)"),
+        (lambda: GaussianRampUp(0), r"total_steps: expected an int >= 1"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+# --------------------------------------------------------------------------- degenerate input
+@pytest.mark.parametrize("anchor_mode", ["pixel", "class"])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.full((2, 4, 4), -100),  # all pixels ignored
+        torch.zeros(2, 4, 4, dtype=torch.long),  # one class: no negatives
+        torch.tensor([[[1] + [-100] * 15], [[-100] * 16]]).reshape(2, 4, 4),  # a class with one pixel
+        torch.tensor([[[1] + [2] * 15], [[2] * 16]]).reshape(2, 4, 4),  # one-pixel class beside another
+    ],
+)
+def test_degenerate_input_gives_finite_connected_result(labels, anchor_mode):
+    loss_fn = small(anchor_mode=anchor_mode)
+    assert loss_fn.bank.is_empty()
+    emb = torch.randn(2, 8, 4, 4, requires_grad=True)
+    loss = loss_fn(emb, labels)
+    assert loss is not None and torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    assert torch.isfinite(emb.grad).all()
+
+
+def test_all_ignored_gives_exact_zero():
+    emb = torch.randn(2, 8, 4, 4, requires_grad=True)
+    loss = small()(emb, torch.full((2, 4, 4), -100))
+    assert loss.item() == 0.0
+
+
+def test_empty_bank_density_and_loss_are_defined():
+    d = DF.knn_density(torch.randn(3, 4), torch.tensor([0, 1, 2]), (4,), bank=torch.zeros(3, 5, 4),
+                       bank_valid=torch.zeros(3, 5, dtype=torch.bool))
+    assert torch.all(d == -1)
+
+
+# --------------------------------------------------------------------------- options
+@pytest.mark.parametrize("spatial", [(6, 6), (2, 4, 4)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(sampling="random", use_bank=False, weighting="none"),  # Table 2, II
+        dict(ks=(2,), use_bank=False, weighting="none"),  # III
+        dict(ks=(2, 4), use_bank=False, weighting="none"),  # IV
+        dict(weighting="none"),  # V
+        dict(),  # VI
+        dict(weighting="scale", bank_source="pixel"),
+        dict(anchor_mode="class"),  # Table 3, class-wise
+        dict(include_positive=True, gamma=0.5, reduction="sum"),
+    ],
+)
+def test_every_option_runs_in_2d_and_3d(spatial, opts):
+    loss_fn = small(**opts)
+    for _ in range(2):
+        emb = torch.randn((2, 8) + spatial, requires_grad=True)
+        lab = torch.randint(0, 3, (2,) + spatial)
+        out = loss_fn(emb, lab, return_details=True)
+        assert torch.isfinite(out.loss) and out.num_contributing > 0
+        out.loss.backward()
+        assert emb.grad.abs().sum() > 0
+    assert loss_fn.bank.is_empty() == (not loss_fn.use_bank)
+
+
+def test_density_sampling_picks_the_lowest_density_anchors():
+    loss_fn = small(num_anchors=3, max_samples_per_class=64, use_bank=False)
+    out = loss_fn(torch.randn(2, 8, 4, 4), torch.randint(0, 3, (2, 4, 4)), return_details=True)
+    for c in range(3):
+        dens = out.density[c][out.sample_valid[c]]
+        chosen = out.anchor_density[c][out.anchor_valid[c]]
+        torch.testing.assert_close(chosen.sort().values, dens.sort().values[: chosen.numel()])
+
+
+def test_labels_are_resized_to_the_embedding_resolution():
+    torch.manual_seed(0)
+    lab = torch.randint(0, 3, (2, 4, 4))
+    emb = torch.randn(2, 8, 4, 4)
+    la = small(max_samples_per_class=64, num_anchors=64, num_positives=64, num_negatives=64)(emb, lab)
+    big = lab.repeat_interleave(2, 1).repeat_interleave(2, 2)  # nearest downsampling gives `lab` back
+    lb = small(max_samples_per_class=64, num_anchors=64, num_positives=64, num_negatives=64)(emb, big)
+    torch.testing.assert_close(la, lb)
+
+
+def test_probs_drive_the_prototypes():
+    loss_fn = small(anchor_mode="class")
+    emb = torch.randn(2, 8, 4, 4)
+    lab = torch.randint(0, 3, (2, 4, 4))
+    probs = torch.zeros(2, 3, 4, 4)  # no pixel above phi: no prototype, no anchor
+    out = loss_fn(emb, lab, probs=probs, return_details=True)
+    assert out.num_contributing == 0 and loss_fn.bank.is_empty()
+
+
+def test_gradient_flows_only_through_anchors():
+    """Positives and negatives are detached: pixels never chosen as anchors get no gradient."""
+    loss_fn = small(num_anchors=1, max_samples_per_class=64, use_bank=False, weighting="none")
+    emb = torch.randn(1, 8, 4, 4, requires_grad=True)
+    lab = torch.tensor([[0] * 8 + [1] * 8]).reshape(1, 4, 4)
+    loss_fn(emb, lab).backward()
+    touched = (emb.grad.abs().sum(1) > 0).sum()
+    assert touched == 2  # one anchor per class
+
+
+# --------------------------------------------------------------------------- modules
+def test_module_faces_call_the_functional_core():
+    feats, probs = torch.randn(2, 4, 3, 3), torch.rand(2, 3, 3, 3)
+    p1, v1 = MaskedAveragePool(0.3)(feats, probs)
+    p2, v2 = DF.masked_average_pool(feats, probs, 0.3)
+    assert torch.equal(p1, p2) and torch.equal(v1, v2)
+    x, lab = torch.randn(9, 4), torch.randint(0, 2, (9,))
+    assert torch.equal(MultiScaleDensity((2, 3))(x, lab), DF.knn_density(x, lab, (2, 3)))
+
+
+def test_gaussian_rampup_state_dict_round_trip():
+    ramp = GaussianRampUp(total_steps=100, warmup_steps=10)
+    for _ in range(42):
+        ramp.step()
+    other = GaussianRampUp(total_steps=100, warmup_steps=10)
+    other.load_state_dict(ramp.state_dict())
+    assert other.value == ramp.value == DF.gaussian_rampup(42, 100, 0.1, 10)
+    assert other() == ramp.value
+
+
+def test_bank_entries_oldest_first_after_wrap():
+    bank = ClassMemoryBank(1, 1, size=3)
+    for v in range(5):
+        bank.push(torch.tensor([[float(v)]]), torch.tensor([0]), torch.tensor([v / 10]))
+    f, d = bank.entries(0)
+    assert f.flatten().tolist() == [2.0, 3.0, 4.0]
+    torch.testing.assert_close(d, torch.tensor([0.2, 0.3, 0.4]))
+    bank.reset()
+    assert bank.is_empty()
+
+
+def test_loss_moves_with_the_module_and_runs_in_float64_input():
+    loss_fn = small().to(torch.device("cpu"))
+    emb = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    loss = loss_fn(emb, torch.randint(0, 3, (2, 4, 4)))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert emb.grad.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- compilation
+def test_grouped_functional_math_compiles_fullgraph():
+    """The grouped functions have static shapes and no host sync: they trace as one graph."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 4, generator=g)
+    valid = torch.rand(3, 10, generator=g) > 0.2
+    bank = torch.randn(3, 6, 4, generator=g)
+    dens = torch.compile(DF.knn_density_grouped, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(dens(x, valid, (2, 4), bank), DF.knn_density_grouped(x, valid, (2, 4), bank))
+
+    loss = torch.compile(DF.soft_density_contrastive_loss_grouped, backend="aot_eager", fullgraph=True)
+    args = (x, valid, torch.randn(3, 4, generator=g), torch.randn(3, 5, 4, generator=g))
+    torch.testing.assert_close(loss(*args)[0], DF.soft_density_contrastive_loss_grouped(*args)[0])
+
+    pool = torch.compile(DF.masked_average_pool, backend="aot_eager", fullgraph=True)
+    f, p = torch.randn(2, 4, 5, 5, generator=g), torch.rand(2, 3, 5, 5, generator=g)
+    torch.testing.assert_close(pool(f, p, 0.5)[0], DF.masked_average_pool(f, p, 0.5)[0])
+
+
+# --------------------------------------------------------------------------- co-training
+def _net(cin=1, classes=4, spatial_dims=2):
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    return nn.Sequential(conv(cin, 6, 3, padding=1), nn.ReLU(), conv(6, classes, 1))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_cotraining_wrapper_any_module(spatial_dims):
+    w = CoTrainingWrapper(_net(spatial_dims=spatial_dims), _net(spatial_dims=spatial_dims), feature_layer="1",
+                          feature_channels=6, embed_dim=8, spatial_dims=spatial_dims)
+    x = torch.randn((2, 1) + (8,) * spatial_dims)
+    out = w(x)
+    assert out.logits_a.shape == (2, 4) + (8,) * spatial_dims
+    assert out.embeddings_a.shape == (2, 8) + (8,) * spatial_dims
+    loss = w.cross_loss(out.logits_a, out.logits_b) + small(num_classes=4)(out.embeddings_a, out.logits_b.argmax(1))
+    loss.backward()
+    assert w.head_a.net[0].weight.grad is not None and w.model_b[0].weight.grad is not None
+
+
+def test_cotraining_wrapper_bad_layer():
+    with pytest.raises(ValueError, match="feature_layer: expected the name of a submodule"):
+        CoTrainingWrapper(_net(), _net(), feature_layer="decoder", feature_channels=6)
+
+
+def test_cotraining_wrapper_with_smp_unet():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    kw = dict(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=4, encoder_depth=3,
+              decoder_channels=(32, 16, 8))
+    w = CoTrainingWrapper(smp.Unet(**kw), smp.Unet(**kw), feature_layer="decoder", feature_channels=8, embed_dim=16)
+    out = w(torch.randn(2, 1, 32, 32))
+    assert out.embeddings_b.shape == (2, 16, 32, 32) and out.logits_a.shape == (2, 4, 32, 32)
