@@ -19,11 +19,13 @@ rank ``r`` holding the ``r``-th block of the global batch:
 Outside that regime only the cross-rank agreement is exact (shared random generator); that
 is checked with small budgets and ``sampling="random"``.
 
-Tolerance: float32, ``rtol=1e-5, atol=1e-6`` (the ranks sum the same numbers in a different
-order; observed differences are around 1e-7).
+Tolerance: float32, ``rtol=1e-5, atol=1e-6`` (the gathered batch sums the same numbers in
+a different order; observed: losses within 4e-6 of values up to 45, i.e. about 1e-7
+relative, gradients within 4e-8).
 
-All scenarios run in one spawn of 2 processes (module fixture) to keep the start-up cost of
-the workers (importing torch twice) paid once; total about 10 s on 2 CPU cores.
+All scenarios run in one spawn of 2 processes (module fixture) so the start-up cost of the
+workers (importing torch) is paid once; the whole file takes about 25-30 s on 2 busy CPU
+cores.
 """
 
 from __future__ import annotations

@@ -30,7 +30,10 @@ class ClassMemoryBank(nn.Module):
         dim: feature dimension ``D``.
         size: ``L``, entries per class (1000 in the paper).
         gather_distributed: all-gather every push across the ranks of the default process
-            group, so that every rank holds the same bank. A no-op without a process group.
+            group, so that every rank holds the same bank: rank 0's items enter first, then
+            rank 1's, and so on, which is the order of one process pushing the concatenated
+            items. The number of items may differ between ranks; every rank must call
+            ``push`` (it is a collective). A no-op without a process group.
 
     Example:
         >>> bank = ClassMemoryBank(num_classes=2, dim=3, size=4)

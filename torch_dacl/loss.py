@@ -107,8 +107,18 @@ class SoftDensityContrastiveLoss(nn.Module):
         threshold: :math:`\phi` of Eq. 2 when ``probs`` are passed.
         ignore_index: label value that takes no part (None: every label must be a class).
         reduction: ``"mean"`` over contributing anchors (default) or ``"sum"`` (Eq. 10).
-        gather_distributed: under ``torch.distributed``, all-gather the sampled batch
-            features so every rank sees the global batch and holds the same bank.
+        gather_distributed: under ``torch.distributed``, all-gather the sampled pixel
+            features and the per-image prototypes (rank-major, i.e. in global batch order) so
+            every rank computes the loss of the global batch, and draw the random choices
+            (negatives, random anchors/positives, pixel pushes) from a generator seeded alike
+            on all ranks: every rank gets the same loss and holds the same bank. Gradients
+            reach each rank's embeddings through
+            :func:`~torch_dacl.distributed.all_gather_with_grad`, summed over ranks, so that
+            DDP's averaging gives the single-process gradient. ``max_samples_per_class`` is a
+            per-rank budget (the gathered sample holds up to ``world_size`` times as many);
+            ``num_anchors``, ``num_positives``, ``num_negatives`` apply to the gathered batch.
+            Every rank must call the loss and its backward (they are collectives). A no-op
+            without a process group. See ``docs/distributed.rst``.
         validate: check values (finite embeddings, labels in range), one host sync each.
 
     Shape:
@@ -263,12 +273,15 @@ class SoftDensityContrastiveLoss(nn.Module):
         valid_pix = None if self.ignore_index is None else flat != self.ignore_index
         idx, svalid = DF.group_by_label(flat, c, self.max_samples_per_class, valid=valid_pix, shuffle=True)
         feats = emb[idx // p, :, idx % p]  # (C, S, D), gradient flows
+        # distributed: every rank gathers the sampled features of all ranks (rank-major along
+        # S) and draws its random choices from a generator seeded alike on all ranks, so all
+        # ranks compute the same loss on the global batch and push the same bank entries
+        distributed = self.gather_distributed and _dist.is_distributed()
+        gen = _dist.shared_generator(dev) if distributed else None
+        if distributed:
+            feats = _dist.all_gather_with_grad(feats.transpose(0, 1), uniform=True).transpose(0, 1)
+            svalid = _dist.all_gather_cat(svalid.transpose(0, 1), uniform=True)[0].transpose(0, 1)
         x = F.normalize(feats.detach().float(), dim=-1)
-        if self.gather_distributed and _dist.is_distributed():
-            feats_g = _dist.all_gather_with_grad(feats.transpose(0, 1).contiguous()).transpose(0, 1)
-            svalid_g = _dist.all_gather_cat(svalid.transpose(0, 1).contiguous())[0].transpose(0, 1)
-            feats, svalid = feats_g, svalid_g
-            x = F.normalize(feats.detach().float(), dim=-1)
 
         use_bank = self.use_bank
         bank, bank_valid = (self.bank.bank, self.bank.valid) if use_bank else (None, None)
@@ -283,9 +296,9 @@ class SoftDensityContrastiveLoss(nn.Module):
             maps = probs if probs is not None else self._one_hot(labels)
             protos, pvalid = DF.masked_average_pool(src, maps, self.threshold)  # (N, C, D)
             protos, pvalid = protos.transpose(0, 1), pvalid.transpose(0, 1)  # (C, N, D)
-            if self.gather_distributed and _dist.is_distributed():
-                protos = _dist.all_gather_with_grad(protos.transpose(0, 1).contiguous()).transpose(0, 1)
-                pvalid = _dist.all_gather_cat(pvalid.transpose(0, 1).contiguous())[0].transpose(0, 1)
+            if distributed:  # per-image prototypes of all ranks, in global batch order
+                protos = _dist.all_gather_with_grad(protos.transpose(0, 1)).transpose(0, 1)
+                pvalid = _dist.all_gather_cat(pvalid.transpose(0, 1))[0].transpose(0, 1)
             pdens = DF.knn_density_grouped(protos, pvalid, self.ks, bank, bank_valid)
 
         # 3. anchors (Eq. 6)
@@ -296,24 +309,26 @@ class SoftDensityContrastiveLoss(nn.Module):
         if self.sampling == "density":
             a_idx, a_valid = _select(cand_dens, cand_valid, self.num_anchors, largest=False)
         else:
-            a_idx, a_valid = _select(torch.rand(cand_valid.shape, device=dev), cand_valid, self.num_anchors, largest=False)
+            a_key = torch.rand(cand_valid.shape, device=dev, generator=gen)
+            a_idx, a_valid = _select(a_key, cand_valid, self.num_anchors, largest=False)
         anchors = _gather_rows(cand, a_idx)
 
         # 4. positive keys and the class center (Eq. 7-8), no gradient
         half = max(1, self.num_positives // 2)
-        key_b = dens if self.sampling == "density" else torch.rand(dens.shape, device=dev)
+        key_b = dens if self.sampling == "density" else torch.rand(dens.shape, device=dev, generator=gen)
         pb_idx, pb_valid = _select(key_b, svalid, half, largest=True)
         pos, pos_valid = _gather_rows(x, pb_idx), pb_valid
         if use_bank:
             bnk_valid = bank_valid
-            key_g = self.bank.bank_density if self.sampling == "density" else torch.rand(bnk_valid.shape, device=dev)
+            key_g = self.bank.bank_density if self.sampling == "density" else \
+                torch.rand(bnk_valid.shape, device=dev, generator=gen)
             pg_idx, pg_valid = _select(key_g, bnk_valid, self.num_positives - half, largest=True)
             pos_g = F.normalize(_gather_rows(bank, pg_idx), dim=-1)
             pos, pos_valid = torch.cat([pos, pos_g], 1), torch.cat([pos_valid, pg_valid], 1)
         centers, centers_valid = _masked_mean(pos, pos_valid)
 
         # 5. negatives: random batch features of the other classes, no gradient
-        negatives, neg_valid = self._negatives(x, svalid)
+        negatives, neg_valid = self._negatives(x, svalid, gen)
 
         # 6. loss (Eq. 9-10)
         terms, contributing = DF.soft_density_contrastive_loss_grouped(
@@ -330,9 +345,13 @@ class SoftDensityContrastiveLoss(nn.Module):
                 self.bank.push(protos.detach().reshape(-1, d), cls.reshape(-1), pdens.reshape(-1), pvalid.reshape(-1))
             else:
                 k = min(self.bank_push_per_class, x.shape[1])  # the first k of a random order
+                px, pd, pv = x[:, :k], dens[:, :k], svalid[:, :k]
+                if distributed:  # the gathered rows are rank-major: draw k at random instead
+                    keys = torch.rand(svalid.shape, device=dev, generator=gen).masked_fill(~svalid, -1.0)
+                    pick = keys.topk(k, dim=1).indices
+                    px, pd, pv = _gather_rows(x, pick), dens.gather(1, pick), svalid.gather(1, pick)
                 cls = torch.arange(c, device=dev).unsqueeze(1).expand(c, k)
-                self.bank.push(x[:, :k].reshape(-1, d), cls.reshape(-1), dens[:, :k].reshape(-1),
-                               svalid[:, :k].reshape(-1))
+                self.bank.push(px.reshape(-1, d), cls.reshape(-1), pd.reshape(-1), pv.reshape(-1))
 
         if return_details:
             return DACLDetails(loss, dens, svalid, cand_dens.gather(1, a_idx), a_valid, contributing.sum())
@@ -345,13 +364,15 @@ class SoftDensityContrastiveLoss(nn.Module):
         oh = F.one_hot(lab, c + 1)[..., :c]
         return oh.movedim(-1, 1).float()
 
-    def _negatives(self, x: torch.Tensor, svalid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _negatives(
+        self, x: torch.Tensor, svalid: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample ``num_negatives`` features of other classes for each class, without replacement."""
         c, s, d = x.shape
         pool = x.reshape(c * s, d)
         pool_cls = torch.arange(c, device=x.device).repeat_interleave(s)
         ok = svalid.reshape(1, c * s) & (pool_cls.unsqueeze(0) != torch.arange(c, device=x.device).unsqueeze(1))
         k = min(self.num_negatives, c * s)
-        keys = torch.rand(c, c * s, device=x.device).masked_fill(~ok, -1.0)
+        keys = torch.rand(c, c * s, device=x.device, generator=generator).masked_fill(~ok, -1.0)
         top = keys.topk(k, dim=1)
         return pool[top.indices], top.values >= 0
