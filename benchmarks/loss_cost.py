@@ -1,0 +1,281 @@
+"""What DACL costs: time and peak memory of SoftDensityContrastiveLoss, measured side by side.
+
+Three tables, each printed and written to ``benchmarks/results/loss_cost.json``:
+
+1. ``ratio``: forward + backward of the loss at the paper's defaults (N_q 256, N_p 512,
+   L 1000 with a full bank, ks 8/16/32) as a ratio to one CPS training step of the ACDC
+   ``quick`` preset (two smp U-Nets, SGD step), both timed in the same run, for 4 classes
+   (ACDC) and 14 (Synapse); and the speed-up over a deliberately naive reference written
+   below from the equations with a per-class Python loop, as DGCL-style code does it.
+2. ``scaling``: time and peak memory as the bank grows (L), the classes (C) and the sampled
+   pixels per class (S) grow. Each point runs in a fresh subprocess and reports its peak
+   resident memory above the process's baseline (``ru_maxrss``), so memory is real, not
+   estimated.
+
+Usage::
+
+    python benchmarks/loss_cost.py            # full (under 5 minutes on 2 CPU cores)
+    python benchmarks/loss_cost.py --quick    # under 1 minute, for CI
+
+Timings are medians of repeated runs; compare the ratios, not absolute times (shared, noisy
+machine). Nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from torch_dacl import SoftDensityContrastiveLoss  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ----------------------------------------------------------------------------- timing
+def median_time(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_batch(n: int, d: int, h: int, w: int, c: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, d, h, w, generator=g)
+    # blocky label maps (a few regions per class), like segmentation masks
+    coarse = torch.randint(0, c, (n, 1, max(1, h // 8), max(1, w // 8)), generator=g).float()
+    labels = F.interpolate(coarse, size=(h, w), mode="nearest").squeeze(1).long()
+    return emb, labels
+
+
+def filled_loss(c: int, d: int, bank_size: int, **kw) -> SoftDensityContrastiveLoss:
+    loss = SoftDensityContrastiveLoss(num_classes=c, dim=d, bank_size=bank_size, validate=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(c * bank_size, d, generator=g)
+    labels = torch.arange(c).repeat_interleave(bank_size)
+    loss.bank.push(feats, labels, torch.rand(c * bank_size, generator=g))
+    return loss
+
+
+# ----------------------------------------------------------------------------- naive reference
+def naive_dacl_loss(emb, labels, bank_feats, bank_dens, num_classes, ks=(8, 16, 32), n_q=256, n_p=512,
+                    n_neg=512, tau=0.4, max_samples=1024, ignore_index=-100):
+    """DGCL-style reference from Eq. 3-10: one Python iteration per class, boolean masking,
+    host-side sizes, the full similarity matrix of each class (no chunking)."""
+    n, d = emb.shape[:2]
+    flat = emb.permute(0, 2, 3, 1).reshape(-1, d)  # a full copy of the embeddings
+    lab = labels.reshape(-1)
+    feats, dens = {}, {}
+    for c in range(num_classes):  # sample and estimate density class by class
+        idx = (lab == c).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        idx = idx[torch.randperm(idx.numel())[:max_samples]]
+        f = flat[idx]
+        fn = F.normalize(f.detach(), dim=-1)
+        bn = F.normalize(bank_feats[c], dim=-1)
+        sims = torch.cat([fn @ fn.T - 3 * torch.eye(len(fn)), fn @ bn.T], 1)  # self excluded
+        top = sims.sort(dim=1, descending=True).values
+        per_k = [top[:, : min(k, sims.shape[1] - 1)].mean(1) for k in ks]
+        feats[c], dens[c] = f, torch.stack(per_k).mean(0)
+    total, count = emb.sum() * 0, 0
+    for c in feats:  # anchors, positives, negatives, loss class by class
+        order = dens[c].argsort()
+        anchors = F.normalize(feats[c][order[:n_q]], dim=-1)
+        pos_b = F.normalize(feats[c][order.flip(0)[: n_p // 2]].detach(), dim=-1)
+        pos_g = F.normalize(bank_feats[c][bank_dens[c].argsort(descending=True)[: n_p // 2]], dim=-1)
+        center = F.normalize(torch.cat([pos_b, pos_g]).mean(0), dim=0)
+        others = torch.cat([feats[o].detach() for o in feats if o != c]) if len(feats) > 1 else None
+        if others is None:
+            continue
+        neg = F.normalize(others[torch.randperm(len(others))[:n_neg]], dim=-1)
+        cos = anchors @ center
+        w = len(anchors) * torch.softmax(cos, 0)
+        denom = torch.exp(anchors @ neg.T / tau).sum(1)
+        total = total - torch.log(w * torch.exp(cos / tau) / denom).sum()  # Eq. 10 for class c
+        count += len(anchors)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- CPS step
+def quick_preset() -> Dict:
+    """The ACDC example's quick preset (model, input size, batch), read from the example."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import acdc_cps_dacl as ex  # type: ignore
+
+        cfg = dict(ex.PRESETS["quick"])
+        cfg["source"] = "examples/acdc_cps_dacl.py PRESETS['quick']"
+        return cfg
+    except Exception as e:  # pragma: no cover - the example is optional for the library
+        raise SystemExit(f"cannot read the ACDC quick preset from examples/acdc_cps_dacl.py: {e}")
+
+
+def cps_step(cfg: Dict, dacl: bool = False):
+    """One CPS training step of the preset: both U-Nets forward, L_sup (CE) + L_cross, SGD.
+
+    With ``dacl`` the step also computes both models' DACL terms (paper defaults, full banks)
+    on their embeddings, labels = the other model's argmax (as in the example's unlabeled half).
+    """
+    from acdc_model import build_wrapper  # type: ignore  # the example's own model builder
+
+    model = build_wrapper(dict(cfg, seed=0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    size, lb, ub = cfg["size"], cfg["labeled_bs"], cfg["unlabeled_bs"]
+    x = torch.randn(lb + ub, 1, size, size)
+    y = torch.randint(0, 4, (lb, size, size))
+    d = int(cfg["embed_dim"])
+    losses = (filled_loss(4, d, 1000), filled_loss(4, d, 1000)) if dacl else None
+
+    def step():
+        out = model(x)
+        sup = F.cross_entropy(out.logits_a[:lb], y) + F.cross_entropy(out.logits_b[:lb], y)
+        loss = sup + model.cross_loss(out.logits_a, out.logits_b)
+        if losses is not None:
+            loss = loss + 0.1 * (losses[0](out.embeddings_a, out.logits_b.detach().argmax(1))
+                                 + losses[1](out.embeddings_b, out.logits_a.detach().argmax(1)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step, (lb + ub, int(cfg["embed_dim"]), size, size)
+
+
+# ----------------------------------------------------------------------------- one scaling point
+def one_point(args) -> Dict:
+    torch.set_num_threads(args.threads)
+    c, L, s, d = args.classes, args.bank, args.samples, 64
+    pixels = c * s  # every class gets exactly s pixels
+    side = int(pixels ** 0.5) + 1
+    emb, _ = make_batch(1, d, side, side, c)
+    labels = (torch.arange(side * side) * c // (side * side)).reshape(1, side, side)  # c equal blocks
+    emb.requires_grad_()
+    loss = filled_loss(c, d, L, max_samples_per_class=s)
+    loss(emb, labels).backward()  # warm-up: allocator pools and lazy init out of the measure
+    emb.grad = None
+    rss0 = _status_mb("VmRSS")
+    _reset_peak()
+    t = median_time(lambda: loss(emb, labels).backward(), repeats=args.repeats, warmup=0)
+    peak = _status_mb("VmHWM")
+    return dict(classes=c, bank=L, samples=s, time_s=t, peak_extra_mb=max(0.0, peak - rss0))
+
+
+def _status_mb(key: str) -> float:
+    """Resident (VmRSS) or peak resident (VmHWM) memory of this process, MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset the peak resident size (VmHWM) so it measures only what follows (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_point(c: int, L: int, s: int, repeats: int, threads: int) -> Dict:
+    cmd = [sys.executable, __file__, "--point", "--classes", str(c), "--bank", str(L), "--samples", str(s),
+           "--repeats", str(repeats), "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small version for CI (under 1 minute)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--classes", type=int, default=4, help=argparse.SUPPRESS)
+    p.add_argument("--bank", type=int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int, default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.point:
+        print(json.dumps(one_point(args)))
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t_start = time.time()
+    reps = 1 if args.quick else 5
+
+    # 1. ratio to one CPS step and speed-up over the naive reference
+    cfg = quick_preset()
+    step, emb_shape = cps_step(cfg)
+    t_cps = median_time(step, repeats=reps)
+    dacl_step, _ = cps_step(cfg, dacl=True)
+    t_dacl_step = median_time(dacl_step, repeats=reps)
+    t_cps_again = median_time(step, repeats=reps)  # bracket the DACL step: noise check
+    step_row = dict(cps_step_s=t_cps, dacl_step_s=t_dacl_step, cps_step_again_s=t_cps_again,
+                    dacl_step_overhead=t_dacl_step / ((t_cps + t_cps_again) / 2) - 1)
+    ratio_rows: List[Dict] = []
+    for c in (4, 14):
+        emb, labels = make_batch(emb_shape[0], emb_shape[1], emb_shape[2], emb_shape[3], c)
+        emb.requires_grad_()
+        loss = filled_loss(c, emb_shape[1], 1000)
+        t_loss = median_time(lambda: loss(emb, labels).backward(), repeats=reps)
+        bf, bd = loss.bank.bank.clone(), loss.bank.bank_density.clone()
+        t_naive = median_time(lambda: naive_dacl_loss(emb, labels, bf, bd, c).backward(), repeats=max(1, reps // 2))
+        ratio_rows.append(dict(classes=c, embeddings=list(emb_shape), loss_fwd_bwd_s=t_loss, cps_step_s=t_cps,
+                               ratio_to_cps_step=t_loss / t_cps, naive_s=t_naive, speedup_vs_naive=t_naive / t_loss))
+
+    # 2. scaling (fresh subprocess per point: peak memory is real)
+    if args.quick:
+        grid = dict(bank=[1000, 8000], classes=[4, 16], samples=[1024, 4096])
+    else:
+        grid = dict(bank=[1000, 4000, 16000, 64000], classes=[4, 14, 32, 100], samples=[1024, 4096, 16384, 65536])
+    scaling: List[Dict] = []
+    for L in grid["bank"]:
+        scaling.append(dict(axis="bank", **run_point(4, L, 1024, reps, args.threads)))
+    for c in grid["classes"]:
+        scaling.append(dict(axis="classes", **run_point(c, 1000, 1024 if c <= 32 else 256, reps, args.threads)))
+    for s in grid["samples"]:
+        scaling.append(dict(axis="samples", **run_point(2 if s > 16384 else 4, 1000, s, 1, args.threads)))
+
+    env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+               threads=args.threads, cpu_count=os.cpu_count(), device="cpu",
+               command="python benchmarks/loss_cost.py" + (" --quick" if args.quick else ""))
+    result = dict(environment=env, cps_preset=cfg, ratio=ratio_rows, training_step=step_row, scaling=scaling,
+                  targets=dict(ratio_to_cps_step="<= 0.05", speedup_vs_naive_at_14_classes=">= 5"),
+                  wall_s=time.time() - t_start)
+
+    print(f"\nDACL loss cost ({env['command']}, torch {env['torch']}, {args.threads} CPU threads)\n")
+    print(f"{'classes':>7} {'loss f+b (s)':>13} {'CPS step (s)':>13} {'ratio':>7} {'naive (s)':>10} {'speed-up':>9}")
+    for r in ratio_rows:
+        print(f"{r['classes']:>7} {r['loss_fwd_bwd_s']:>13.4f} {r['cps_step_s']:>13.4f} {r['ratio_to_cps_step']:>7.3f} "
+              f"{r['naive_s']:>10.4f} {r['speedup_vs_naive']:>8.1f}x")
+    print(f"\nwhole training step of the quick preset: CPS {t_cps:.3f} s / {t_cps_again:.3f} s (before/after), "
+          f"CPS + 2 DACL terms {t_dacl_step:.3f} s: overhead {100 * step_row['dacl_step_overhead']:.1f} %")
+    print(f"\n{'axis':>8} {'classes':>7} {'bank L':>7} {'pixels/class':>12} {'time (s)':>9} {'peak extra MiB':>15}")
+    for r in scaling:
+        print(f"{r['axis']:>8} {r['classes']:>7} {r['bank']:>7} {r['samples']:>12} {r['time_s']:>9.4f} "
+              f"{r['peak_extra_mb']:>15.1f}")
+    out = args.output or RESULTS / ("loss_cost_quick.json" if args.quick else "loss_cost.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} in {result['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
