@@ -4,7 +4,7 @@ Three tables, each printed and written to ``benchmarks/results/loss_cost.json``:
 
 1. ``ratio``: forward + backward of the loss at the paper's defaults (N_q 256, N_p 512,
    L 1000 with a full bank, ks 8/16/32) as a ratio to one CPS training step of the ACDC
-   ``quick`` preset (two smp U-Nets, SGD step), both timed in the same run, for 4 classes
+   ``quick`` preset (``--quick``: the ``smoke`` preset) (two smp U-Nets, SGD step), both timed in the same run, for 4 classes
    (ACDC) and 14 (Synapse); and the speed-up over a deliberately naive reference written
    below from the equations with a per-class Python loop, as DGCL-style code does it.
 2. ``scaling``: time and peak memory as the bank grows (L), the classes (C) and the sampled
@@ -116,17 +116,17 @@ def naive_dacl_loss(emb, labels, bank_feats, bank_dens, num_classes, ks=(8, 16, 
 
 
 # ----------------------------------------------------------------------------- CPS step
-def quick_preset() -> Dict:
-    """The ACDC example's quick preset (model, input size, batch), read from the example."""
+def read_preset(name: str) -> Dict:
+    """An ACDC example preset (model, input size, batch), read from the example itself."""
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import acdc_cps_dacl as ex  # type: ignore
 
-        cfg = dict(ex.PRESETS["quick"])
-        cfg["source"] = "examples/acdc_cps_dacl.py PRESETS['quick']"
+        cfg = dict(ex.PRESETS[name])
+        cfg["source"] = f"examples/acdc_cps_dacl.py PRESETS[{name!r}]"
         return cfg
     except Exception as e:  # pragma: no cover - the example is optional for the library
-        raise SystemExit(f"cannot read the ACDC quick preset from examples/acdc_cps_dacl.py: {e}")
+        raise SystemExit(f"cannot read the ACDC {name} preset from examples/acdc_cps_dacl.py: {e}")
 
 
 def cps_step(cfg: Dict, dacl: bool = False):
@@ -203,7 +203,10 @@ def run_point(c: int, L: int, s: int, repeats: int, threads: int) -> Dict:
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small version for CI (under 1 minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="small version for CI (under 1 minute): the smoke preset's CPS step, fewer points")
+    p.add_argument("--preset", default=None, help="ACDC preset whose CPS step is the unit (default: quick; "
+                   "smoke with --quick)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
@@ -221,7 +224,7 @@ def main() -> None:
     reps = 1 if args.quick else 5
 
     # 1. ratio to one CPS step and speed-up over the naive reference
-    cfg = quick_preset()
+    cfg = read_preset(args.preset or ("smoke" if args.quick else "quick"))
     step, emb_shape = cps_step(cfg)
     t_cps = median_time(step, repeats=reps)
     dacl_step, _ = cps_step(cfg, dacl=True)
@@ -242,7 +245,7 @@ def main() -> None:
 
     # 2. scaling (fresh subprocess per point: peak memory is real)
     if args.quick:
-        grid = dict(bank=[1000, 8000], classes=[4, 16], samples=[1024, 4096])
+        grid = dict(bank=[1000, 4000], classes=[4, 16], samples=[1024, 2048])
     else:
         grid = dict(bank=[1000, 4000, 16000, 64000], classes=[4, 14, 32, 100], samples=[1024, 4096, 16384, 65536])
     scaling: List[Dict] = []
@@ -265,7 +268,7 @@ def main() -> None:
     for r in ratio_rows:
         print(f"{r['classes']:>7} {r['loss_fwd_bwd_s']:>13.4f} {r['cps_step_s']:>13.4f} {r['ratio_to_cps_step']:>7.3f} "
               f"{r['naive_s']:>10.4f} {r['speedup_vs_naive']:>8.1f}x")
-    print(f"\nwhole training step of the quick preset: CPS {t_cps:.3f} s / {t_cps_again:.3f} s (before/after), "
+    print(f"\nwhole training step of the {cfg['source']}: CPS {t_cps:.3f} s / {t_cps_again:.3f} s (before/after), "
           f"CPS + 2 DACL terms {t_dacl_step:.3f} s: overhead {100 * step_row['dacl_step_overhead']:.1f} %")
     print(f"\n{'axis':>8} {'classes':>7} {'bank L':>7} {'pixels/class':>12} {'time (s)':>9} {'peak extra MiB':>15}")
     for r in scaling:
