@@ -13,7 +13,15 @@ __all__ = ["CoTrainingWrapper", "CoTrainingOutput", "ProjectionHead"]
 
 
 class CoTrainingOutput(NamedTuple):
-    """Outputs of :class:`CoTrainingWrapper`: logits and embeddings of both models."""
+    """Outputs of :class:`CoTrainingWrapper`: logits and embeddings of both models.
+
+    Example:
+        >>> out = CoTrainingOutput(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8),
+        ...                        torch.zeros(1, 16, 8, 8), torch.zeros(1, 16, 8, 8))
+        >>> logits_a, logits_b, emb_a, emb_b = out  # a NamedTuple
+        >>> out.embeddings_a.shape
+        torch.Size([1, 16, 8, 8])
+    """
 
     logits_a: torch.Tensor
     logits_b: torch.Tensor
@@ -30,6 +38,11 @@ class ProjectionHead(nn.Module):
         hidden_channels: width of the hidden layer (default: ``in_channels``... at least
             ``out_channels``).
         spatial_dims: 2 or 3.
+
+    Example:
+        >>> head = ProjectionHead(in_channels=16, out_channels=64, spatial_dims=3)
+        >>> head(torch.randn(2, 16, 4, 8, 8)).shape
+        torch.Size([2, 64, 4, 8, 8])
     """
 
     def __init__(self, in_channels: int, out_channels: int = 64, hidden_channels: Optional[int] = None,

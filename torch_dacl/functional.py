@@ -129,6 +129,11 @@ def group_by_label(
     Returns:
         ``(index, mask)``: ``index (C, S)`` int64 positions into ``labels`` (0 where padded)
         and ``mask (C, S)`` bool, True for real entries.
+
+    Example:
+        >>> index, mask = group_by_label(torch.tensor([1, 0, 1, 2, 1]), num_classes=3, max_per_class=2)
+        >>> index.tolist(), mask.tolist()
+        ([[1, 0], [0, 2], [3, 0]], [[True, False], [True, True], [True, False]])
     """
     labels = labels.reshape(-1)
     m = labels.numel()
@@ -251,6 +256,13 @@ def knn_density_grouped(
         ``(C, S)`` float32 densities in ``[-1, 1]``; -1 at padded positions.
 
     Compiles with ``torch.compile(fullgraph=True)`` (static shapes, no host sync).
+
+    Example:
+        >>> feats = torch.randn(3, 5, 8)  # 3 classes, up to 5 queries each
+        >>> valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [False] * 5])
+        >>> dens = knn_density_grouped(feats, valid, ks=(2, 4), bank=torch.randn(3, 10, 8))
+        >>> dens.shape, dens[1, 3:].tolist()
+        (torch.Size([3, 5]), [-1.0, -1.0])
     """
     ks = check_ks(ks)
     c, s, d = features.shape
@@ -391,6 +403,13 @@ def soft_density_contrastive_loss_grouped(
         are 0 (connected to the graph of ``anchors``).
 
     Compiles with ``torch.compile(fullgraph=True)``.
+
+    Example:
+        >>> anchors = torch.randn(2, 4, 8, requires_grad=True)  # 2 classes, 4 anchors each
+        >>> terms, contributing = soft_density_contrastive_loss_grouped(
+        ...     anchors, torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 8), torch.randn(2, 6, 8))
+        >>> terms.shape, int(contributing.sum())
+        (torch.Size([2, 4]), 8)
     """
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"weighting: expected one of {_WEIGHTINGS}, got {weighting!r}")
@@ -569,6 +588,15 @@ def cross_pseudo_supervision_loss(
 
     Returns:
         Scalar float32 loss; 0 connected to the graph when the mask is empty.
+
+    Example:
+        >>> logits_a = torch.randn(2, 4, 8, 8, requires_grad=True)
+        >>> logits_b = torch.randn(2, 4, 8, 8, requires_grad=True)
+        >>> confident = torch.softmax(logits_b, 1).amax(1) > 0.5
+        >>> loss = cross_pseudo_supervision_loss(logits_a, logits_b, mask=confident)
+        >>> loss.backward()
+        >>> loss.ndim, logits_a.grad.shape
+        (0, torch.Size([2, 4, 8, 8]))
     """
     check_rank("logits_a", logits_a, (4, 5), "(N, C, *spatial)")
     if logits_b.shape != logits_a.shape:
