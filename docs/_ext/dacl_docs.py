@@ -20,6 +20,9 @@ Directives
     A table of ``docs/paper_numbers.json`` (the paper's numbers, transcribed).
 ``.. dacl-figures:: <glob>``
     Every PNG matching the glob, as a figure captioned with its file name.
+``.. dacl-curves:: <glob>``
+    Training curves (validation Dice, losses against the step) plotted from the histories in
+    the JSON files, inline SVG.
 ``.. dacl-cli:: examples/<script>.py``
     The script's command-line flags (read from its ``add_argument`` calls with :mod:`ast`,
     without importing it) and its ``PRESETS`` dictionary, if any.
@@ -473,6 +476,73 @@ class Figures(SphinxDirective):
         return out
 
 
+class Curves(SphinxDirective):
+    """Training curves plotted at build time from the histories in result JSON files.
+
+    ``.. dacl-curves:: <glob>``: every list of objects with a step key (``step`` or
+    ``iteration``) and numeric series (keys containing ``dice`` or ``loss``) becomes a line
+    plot, one figure per file, embedded as inline SVG in HTML (nothing is written to disk).
+    Needs matplotlib (the ``examples`` extra); without it the page says so.
+    """
+
+    required_arguments = 1
+    final_argument_whitespace = True
+
+    def run(self):
+        paths: List[Path] = []
+        for pattern in self.arguments[0].split():
+            paths += sorted(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
+        series = []
+        for p in dict.fromkeys(paths):
+            if p.suffix != ".json" or not p.is_file():
+                continue
+            self.env.note_dependency(str(p))
+            try:
+                data = json.loads(p.read_text())
+            except (OSError, ValueError):
+                continue
+            found = []
+            for key, rows in _row_lists(data if isinstance(data, dict) else {"rows": data}):
+                step = next((k for k in ("step", "iteration", "iter") if all(k in r for r in rows)), None)
+                if step is None:
+                    continue
+                for m in sorted({k for r in rows for k in r if ("dice" in k or "loss" in k)}):
+                    pts = [(r[step], r[m]) for r in rows if isinstance(r.get(m), (int, float))]
+                    if len(pts) >= 2:
+                        found.append((f"{key}.{m}", pts))
+            if found:
+                series.append((p.relative_to(REPO).as_posix(), found))
+        if not series:
+            return [_note(f"Not yet measured: no training history in {self.arguments[0]} yet.")]
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return [_note("Training curves need matplotlib (pip install -e '.[examples]').")]
+        import io
+
+        out: List[nodes.Node] = []
+        for name, found in series:
+            fig, ax = plt.subplots(figsize=(6.4, 3.2))
+            for label, pts in found:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=label)
+            ax.set_xlabel("step")
+            ax.set_title(name, fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            buf = io.StringIO()
+            fig.savefig(buf, format="svg", facecolor="white")
+            plt.close(fig)
+            svg = buf.getvalue()
+            svg = svg[svg.index("<svg"):]
+            out.append(nodes.raw("", f'<div class="dacl-curve">{svg}</div>', format="html"))
+            out.append(_para(f"Training curve from {name}."))
+        return out
+
+
 # ----------------------------------------------------------------------------- example scripts
 def _script(directive: SphinxDirective) -> Optional[Path]:
     path = REPO / directive.arguments[0]
@@ -501,6 +571,40 @@ def _value(node: Optional[ast.AST]) -> Any:
         return ast.unparse(node)
 
 
+def _literal(v: Any) -> str:
+    """A default or preset value as it is written in code (``0.0001``, not ``1.000e-04``)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_literal(x) for x in v)
+    return repr(v)
+
+
+def _module_namespace(tree: ast.Module) -> Dict[str, Any]:
+    """Module-level names bound to literals (``dict(...)`` included), for resolving choices."""
+    ns: Dict[str, Any] = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and node.value is not None:
+            v = _value(node.value)
+            if not (isinstance(v, str) and isinstance(node.value, ast.Call)):
+                ns[target.id] = v
+    return ns
+
+
+def _choices(node: ast.AST, ns: Dict[str, Any]) -> str:
+    try:
+        v = ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        try:  # e.g. sorted(PRESETS) with PRESETS defined in the script
+            v = eval(compile(ast.Expression(node), "<choices>", "eval"),  # noqa: S307 - names only
+                     {"__builtins__": {}, "sorted": sorted, "list": list, "tuple": tuple}, dict(ns))
+        except Exception:  # a name imported from elsewhere: show the expression
+            return ast.unparse(node)
+    return ", ".join(map(str, v)) if isinstance(v, (list, tuple, dict)) else str(v)
+
+
 class Cli(SphinxDirective):
     required_arguments = 1
 
@@ -509,6 +613,7 @@ class Cli(SphinxDirective):
         if path is None:
             return _missing(self.arguments[0])
         tree = ast.parse(path.read_text())
+        ns = _module_namespace(tree)
         rows = []
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
@@ -521,14 +626,13 @@ class Cli(SphinxDirective):
                 default = "off (flag)"
             kind = []
             if "choices" in kw:
-                ch = _value(kw["choices"])
-                kind.append("one of " + (", ".join(map(str, ch)) if isinstance(ch, (list, tuple)) else str(ch)))
+                kind.append("one of " + _choices(kw["choices"], ns))
             elif "type" in kw:
                 kind.append(ast.unparse(kw["type"]))
             if "nargs" in kw:
                 kind.append(f"nargs={_value(kw['nargs'])}")
             help_ = _value(kw.get("help")) or ""
-            rows.append((getattr(node, "lineno", 0), [" / ".join(flags), "" if default is None else default,
+            rows.append((getattr(node, "lineno", 0), [" / ".join(flags), "" if default is None else _literal(default),
                                                       "; ".join(kind), help_]))
         rows.sort(key=lambda r: r[0])
         out: List[nodes.Node] = []
@@ -546,7 +650,7 @@ class Cli(SphinxDirective):
             keys: List[str] = []
             for v in presets.values():
                 keys += [k for k in v if k not in keys and k != "note"]
-            prow = [[k] + [presets[n].get(k, "") for n in names] for k in keys]
+            prow = [[k] + [_literal(presets[n][k]) if k in presets[n] else "" for n in names] for k in keys]
             out.append(_table(["setting"] + names, prow, f"presets of {self.arguments[0]} (read from PRESETS)"))
             for n in names:
                 note = presets[n].get("note")
@@ -651,6 +755,7 @@ def setup(app):
     app.add_directive("dacl-comparison", Comparison)
     app.add_directive("dacl-paper-table", PaperTable)
     app.add_directive("dacl-figures", Figures)
+    app.add_directive("dacl-curves", Curves)
     app.add_directive("dacl-cli", Cli)
     app.add_directive("dacl-script-doc", ScriptDoc)
     app.add_directive("dacl-excerpt", Excerpt)
