@@ -46,7 +46,6 @@ html_extra_path: list = []
 html_theme = "furo"
 html_title = f"torch-dacl {release}"
 html_theme_options = {
-    "source_repository": "",
     "navigation_with_keys": True,
 }
 pygments_style = "sphinx"
