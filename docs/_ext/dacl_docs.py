@@ -337,10 +337,19 @@ def _walk(d: Any) -> Iterable[Dict[str, Any]]:
             yield from _walk(v)
 
 
+def _method(node: Dict[str, Any]) -> Optional[str]:
+    """The method of a result row: its ``method``, else its ``variant`` (ablation rows)."""
+    m = node.get("method", node.get("variant"))
+    return m if isinstance(m, str) else None
+
+
+_ABLATION_ROW = {"cps": "I", "i": "I", "ii": "II", "iii": "III", "iv": "IV", "v": "V", "vi": "VI", "dacl": "VI"}
+
+
 def _measured_rows(dataset: str) -> List[Tuple[str, Dict[str, Any]]]:
     """Result rows of ``dataset`` in ``benchmarks/results/*.json``.
 
-    A row is any JSON object with a string ``"method"`` and a Dice value (``dice``,
+    A row is any JSON object with a string ``"method"`` (or ``"variant"``) and a Dice value (``dice``,
     ``mean_dice`` ... as a number or ``{"mean", "std"}``, in the object or its ``test`` /
     ``metrics`` / ``summary`` / ``mean`` sub-object). Its dataset is its ``"dataset"`` value,
     else the file name's first word (``acdc_quick.json`` -> acdc); ``chaos`` counts as the
@@ -354,9 +363,11 @@ def _measured_rows(dataset: str) -> List[Tuple[str, Dict[str, Any]]]:
         except (OSError, ValueError):
             continue
         file_ds = path.stem.split("_")[0].lower()
+        top = {k: data[k] for k in ("preset", "dataset") if isinstance(data, dict) and isinstance(data.get(k), str)}
         for node in _walk(data):
-            if not isinstance(node.get("method"), str):
+            if not isinstance(_method(node), str):
                 continue
+            node = {**top, **node}
             ds = str(node.get("dataset", file_ds)).lower()
             ds = "synapse" if ds in ("chaos", "chaos_t2", "chaos-t2", "btcv", "dhc_npy", "synapse") else ds
             if ds != dataset or _metric(node, _METRIC_KEYS["dice"])[0] is None:
@@ -391,9 +402,16 @@ def _pct(v: Optional[float], std: Optional[float], percent: bool) -> str:
 
 
 class Comparison(SphinxDirective):
+    """``.. dacl-comparison:: acdc|synapse``; with ``:ablation:``, Table 2 (Dice) instead:
+    rows I-VI of the paper beside our rows whose method / variant is ``cps`` (I), ``II`` ...
+    ``V`` or ``dacl`` (VI), at 10 % labels."""
+
     required_arguments = 1
+    option_spec = {"ablation": directives.flag}
 
     def run(self):
+        if "ablation" in self.options:
+            return self._ablation(self.arguments[0])
         dataset = self.arguments[0]
         self.env.note_dependency(str(DOCS / "paper_numbers.json"))
         paper = _paper()["table1"][dataset]
@@ -410,17 +428,40 @@ class Comparison(SphinxDirective):
             h, hs = _metric(node, _METRIC_KEYS["hd95"])
             a, as_ = _metric(node, _METRIC_KEYS["asd"])
             label = f"ours: {src}"
-            extra = [str(node[k]) for k in ("preset", "dataset", "seeds", "seed") if k in node]
+            if isinstance(node.get("label"), str):
+                label += f" [{node['label']}]"
+            extra = [f"{k} {node[k]}" for k in ("preset", "dataset", "seed") if k in node]
             if extra:
                 label += " (" + ", ".join(extra) + ")"
-            rows.append([_setting(dataset, node), node["method"], label, _pct(d, ds, True), _pct(j, js, True),
-                         _pct(h, hs, False), _pct(a, as_, False), node.get("n_seeds", node.get("seeds", ""))])
+            rows.append([_setting(dataset, node), _method(node), label, _pct(d, ds, True), _pct(j, js, True),
+                         _pct(h, hs, False), _pct(a, as_, False),
+                         node.get("n_seeds", len(node["seeds"]) if isinstance(node.get("seeds"), list) else
+                                  1 if "seed" in node else "")])
         header = ["labeled", "method", "source", "Dice (%)", "JC (%)", "HD95 (voxel)", "ASD (voxel)", "seeds"]
         out: List[nodes.Node] = [_table(header, rows, f"{dataset}: the paper beside our runs")]
         if not measured:
             out.append(_note(f"Not yet measured: no result for {dataset} in benchmarks/results/*.json yet. "
                              "The table will fill itself when the reproduction files are committed."))
         return out
+
+
+    def _ablation(self, dataset: str) -> List[nodes.Node]:
+        self.env.note_dependency(str(DOCS / "paper_numbers.json"))
+        t2 = _paper()["table2"]
+        col = t2["columns"].index("ACDC" if dataset == "acdc" else "Synapse")
+        ten = "10%"
+        ours: Dict[str, List[str]] = {}
+        for src, node in _measured_rows(dataset):
+            self.env.note_dependency(str(REPO / src))
+            row = _ABLATION_ROW.get(str(_method(node)).lower())
+            if row is None or _setting(dataset, node) != ten:
+                continue
+            d, ds = _metric(node, _METRIC_KEYS["dice"])
+            n = node.get("n_seeds", node.get("seeds", ""))
+            ours.setdefault(row, []).append(f"{_pct(d, ds, True)} ({src}" + (f", seeds {_fmt(n)})" if n != "" else ")"))
+        rows = [[r, vals[col], "; ".join(ours.get(r, [])) or "not yet measured"] for r, vals in t2["rows"].items()]
+        return [_table(["row", f"paper Dice (%), {dataset.upper() if dataset == 'acdc' else dataset}",
+                        "ours Dice (%)"], rows, f"Table 2 ablation, {dataset}, 10 % labels: the paper beside our runs")]
 
 
 # ----------------------------------------------------------------------------- results / figures
@@ -458,14 +499,20 @@ class Results(SphinxDirective):
 
 
 class Figures(SphinxDirective):
+    """``.. dacl-figures:: <glob> [<glob> ...]`` with an optional ``:exclude:`` (globs)."""
+
     required_arguments = 1
     final_argument_whitespace = True
+    option_spec = {"exclude": directives.unchanged}
 
     def run(self):
         paths: List[Path] = []
         for pattern in self.arguments[0].split():
             paths += sorted(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
-        paths = [p for p in dict.fromkeys(paths) if p.suffix.lower() == ".png"]
+        excluded = set()
+        for pattern in self.options.get("exclude", "").split():
+            excluded.update(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
+        paths = [p for p in dict.fromkeys(paths) if p.suffix.lower() == ".png" and p not in excluded]
         if not paths:
             return [_note(f"Not yet measured: no figure matches {self.arguments[0]} yet.")]
         docdir = Path(self.env.doc2path(self.env.docname)).parent
