@@ -599,6 +599,18 @@ def _script(directive: SphinxDirective) -> Optional[Path]:
     return None
 
 
+def _parse(path: Path) -> Optional[ast.Module]:
+    """The script's syntax tree; None while it does not parse (e.g. half-edited)."""
+    try:
+        return ast.parse(path.read_text())
+    except (SyntaxError, ValueError, OSError):
+        return None
+
+
+def _unparsable(name: str) -> List[nodes.Node]:
+    return [_note(f"{name} does not parse right now; this section renders it once it does.")]
+
+
 def _missing(name: str) -> List[nodes.Node]:
     return [_note(f"{name} is not in the repository yet (it is being written); this section renders it "
                   "automatically once it is committed.")]
@@ -659,7 +671,9 @@ class Cli(SphinxDirective):
         path = _script(self)
         if path is None:
             return _missing(self.arguments[0])
-        tree = ast.parse(path.read_text())
+        tree = _parse(path)
+        if tree is None:
+            return _unparsable(self.arguments[0])
         ns = _module_namespace(tree)
         rows = []
         for node in ast.walk(tree):
@@ -716,7 +730,10 @@ class ScriptDoc(SphinxDirective):
         path = _script(self)
         if path is None:
             return _missing(self.arguments[0])
-        doc = ast.get_docstring(ast.parse(path.read_text())) or "(no module docstring)"
+        tree = _parse(path)
+        if tree is None:
+            return _unparsable(self.arguments[0])
+        doc = ast.get_docstring(tree) or "(no module docstring)"
         return [_code(doc, "text")]
 
 
@@ -748,7 +765,10 @@ class Excerpt(SphinxDirective):
         lines = text.splitlines()
         start = end = None
         if "pyobject" in self.options:
-            obj = _find_object(ast.parse(text), self.options["pyobject"])
+            tree = _parse(path)
+            if tree is None:
+                return _unparsable(self.arguments[0])
+            obj = _find_object(tree, self.options["pyobject"])
             if obj is not None:
                 decorators = getattr(obj, "decorator_list", [])
                 start = min([obj.lineno] + [d.lineno for d in decorators]) - 1
