@@ -1,0 +1,458 @@
+"""Volume readers, preprocessing, patch sampling and sliding-window inference for the 3D
+(Synapse-protocol) example of torch-dacl.
+
+Three on-disk layouts are read into one in-memory form, a :class:`Volume` with arrays in
+``(Z, Y, X)`` order (slices first, as the network sees them) and a float32 image in
+``[0, 1]``:
+
+* ``btcv``: the raw BTCV / Synapse layout, ``img/imgXXXX.nii.gz`` and
+  ``label/labelXXXX.nii.gz`` (``RawData/Training`` of the challenge download). The DHC
+  preprocessing is applied: HU clip to ``[-75, 275]``, min-max to ``[0, 1]`` and a resize
+  of the whole volume to a fixed shape (DHC: ``patch + patch // 4`` = 80x160x160 for the
+  64x128x128 patch), trilinear for the image and nearest for the labels.
+* ``dhc_npy``: DHC's preprocessed layout, ``npy/XXXX_image.npy`` / ``npy/XXXX_label.npy``
+  (already resized, ``(Z, Y, X)``); HU clip and min-max are applied at load time as DHC's
+  loader does.
+* ``generic`` (used for CHAOS-T2): one folder with ``image_<id>.nii.gz`` /
+  ``label_<id>.nii.gz`` (patterns configurable). MR has no absolute scale, so intensities
+  are normalised per volume by percentiles (clip to the 0.5 / 99.5 percentiles, then
+  min-max to ``[0, 1]``); an optional in-plane zoom shrinks the volume for CPU runs.
+
+Nothing here depends on torch_dacl: the library is used by ``synapse_cps_dacl.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Volume", "SPLITS_DIR", "CHAOS_CLASSES", "SYNAPSE_CLASSES",
+    "load_nifti_zyx", "nifti_axcodes", "clip_normalize_ct", "percentile_normalize", "resize_volume", "zoom_volume",
+    "read_btcv_case", "list_btcv_cases", "read_dhc_npy_case", "read_dhc_split", "list_dhc_npy_cases",
+    "read_generic_case", "list_generic_cases", "load_split", "PatchSampler",
+    "gaussian_importance_map", "sliding_window_inference", "plan_unet",
+]
+
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"
+CHAOS_CLASSES = ("background", "liver", "right_kidney", "left_kidney", "spleen")
+SYNAPSE_CLASSES = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver",
+                   "stomach", "aorta", "inferior_vena_cava", "portal_splenic_vein", "pancreas",
+                   "right_adrenal_gland", "left_adrenal_gland")
+
+
+@dataclass
+class Volume:
+    """One case in memory.
+
+    Attributes:
+        case_id: the id used in split files.
+        image: float32 ``(Z, Y, X)`` in ``[0, 1]``.
+        label: uint8 ``(Z, Y, X)`` (0 = background), or None for an unlabeled case.
+        spacing: voxel size ``(z, y, x)`` in mm of the arrays as stored here (after any
+            resize), or None when unknown (DHC npy files carry no spacing).
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: Optional[np.ndarray]
+    spacing: Optional[Tuple[float, float, float]] = None
+    meta: Dict[str, object] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- basic ops
+def load_nifti_zyx(path: os.PathLike) -> Tuple[np.ndarray, Tuple[float, float, float]]:
+    """Read a NIfTI file; return the array transposed to ``(Z, Y, X)`` and its spacing ``(z, y, x)``.
+
+    nibabel returns arrays in ``(X, Y, Z)`` index order; SimpleITK (used by DHC) returns
+    ``(Z, Y, X)``. We transpose so both agree.
+    """
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    arr = np.asanyarray(img.dataobj)
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got shape {arr.shape}")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.ascontiguousarray(arr.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
+
+
+def nifti_axcodes(path: os.PathLike) -> Tuple[str, str, str]:
+    """Orientation codes of the (X, Y, Z) array axes, e.g. ``('L', 'A', 'S')`` (display only)."""
+    import nibabel as nib
+
+    return tuple(nib.aff2axcodes(nib.load(str(path)).affine))
+
+
+def clip_normalize_ct(image: np.ndarray, lo: float = -75.0, hi: float = 275.0) -> np.ndarray:
+    """DHC's CT normalisation: clip HU to ``[lo, hi]`` then min-max to ``[0, 1]`` (float32)."""
+    x = np.clip(image.astype(np.float32), lo, hi)
+    mn, mx = float(x.min()), float(x.max())
+    return ((x - mn) / max(mx - mn, 1e-8)).astype(np.float32)
+
+
+def percentile_normalize(image: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
+    """MR normalisation: clip to the ``lower`` / ``upper`` percentiles, then min-max to ``[0, 1]``."""
+    x = image.astype(np.float32)
+    lo, hi = np.percentile(x, [lower, upper])
+    x = np.clip(x, lo, hi)
+    return ((x - lo) / max(float(hi - lo), 1e-8)).astype(np.float32)
+
+
+def resize_volume(image: np.ndarray, label: Optional[np.ndarray], shape: Sequence[int]
+                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Resize ``(Z, Y, X)`` arrays to ``shape``: trilinear image, nearest label (as DHC)."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(image.shape) == shape:
+        return image.astype(np.float32), label
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    img = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    lab = None
+    if label is not None:
+        tl = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None, None]
+        lab = F.interpolate(tl, size=shape, mode="nearest")[0, 0].numpy().astype(np.uint8)
+    return img, lab
+
+
+def zoom_volume(image: np.ndarray, label: Optional[np.ndarray], zoom: Sequence[float]
+                ) -> Tuple[np.ndarray, Optional[np.ndarray], Tuple[float, float, float]]:
+    """Resize by per-axis factors ``zoom (z, y, x)``; returns the arrays and the factors applied."""
+    shape = tuple(max(1, int(round(s * f))) for s, f in zip(image.shape, zoom))
+    img, lab = resize_volume(image, label, shape)
+    return img, lab, tuple(n / o for n, o in zip(shape, image.shape))
+
+
+def _scaled_spacing(spacing, old_shape, new_shape):
+    if spacing is None:
+        return None
+    return tuple(float(s) * o / n for s, o, n in zip(spacing, old_shape, new_shape))
+
+
+# ----------------------------------------------------------------------------- BTCV raw layout
+def _btcv_paths(root: Path, case_id: str) -> Tuple[Path, Path]:
+    return root / "img" / f"img{case_id}.nii.gz", root / "label" / f"label{case_id}.nii.gz"
+
+
+def list_btcv_cases(root: os.PathLike) -> List[str]:
+    """Ids ``XXXX`` of ``root/img/imgXXXX.nii.gz`` (sorted)."""
+    return sorted(p.name[3:-len(".nii.gz")] for p in (Path(root) / "img").glob("img*.nii.gz"))
+
+
+def read_btcv_case(root: os.PathLike, case_id: str, resize_shape: Optional[Sequence[int]] = (80, 160, 160),
+                   hu_range: Tuple[float, float] = (-75.0, 275.0)) -> Volume:
+    """Read one BTCV case with the DHC preprocessing.
+
+    Args:
+        root: the folder holding ``img/`` and ``label/`` (``RawData/Training``).
+        case_id: e.g. ``"0001"`` for ``img0001.nii.gz``.
+        resize_shape: ``(Z, Y, X)`` of the whole resized volume (DHC: patch + patch // 4);
+            None keeps the native grid.
+        hu_range: the HU window (DHC: -75..275).
+    """
+    ip, lp = _btcv_paths(Path(root), case_id)
+    image, spacing = load_nifti_zyx(ip)
+    label = load_nifti_zyx(lp)[0].astype(np.uint8) if lp.exists() else None
+    if label is not None and label.shape != image.shape:
+        raise ValueError(f"case {case_id}: label shape {label.shape} != image shape {image.shape}")
+    native = image.shape
+    image = clip_normalize_ct(image, *hu_range)
+    if resize_shape is not None:
+        image, label = resize_volume(image, label, resize_shape)
+    return Volume(case_id, image, label, _scaled_spacing(spacing, native, image.shape),
+                  {"native_shape": tuple(native), "native_spacing": spacing, "axcodes": nifti_axcodes(ip)})
+
+
+# ----------------------------------------------------------------------------- DHC npy layout
+def list_dhc_npy_cases(root: os.PathLike) -> List[str]:
+    return sorted(p.name[:-len("_image.npy")] for p in (Path(root) / "npy").glob("*_image.npy"))
+
+
+def read_dhc_split(root: os.PathLike, name: str) -> List[str]:
+    """Ids of ``root/splits/<name>.txt`` (DHC: train, eval, test, labeled_10p, ...)."""
+    with open(Path(root) / "splits" / f"{name}.txt") as f:
+        return sorted(line.strip() for line in f if line.strip())
+
+
+def read_dhc_npy_case(root: os.PathLike, case_id: str, hu_range: Optional[Tuple[float, float]] = (-75.0, 275.0),
+                      zoom: Optional[Sequence[float]] = None) -> Volume:
+    """Read ``root/npy/<id>_image.npy`` / ``_label.npy`` (DHC's preprocessed Synapse, ``(Z, Y, X)``).
+
+    DHC stores raw HU (resized); its loader clips to ``hu_range`` and min-maxes at load
+    time, which we do here (pass ``hu_range=None`` for files already in ``[0, 1]``).
+    ``zoom`` optionally shrinks the volume further (CPU presets).
+    """
+    root = Path(root)
+    image = np.load(root / "npy" / f"{case_id}_image.npy")
+    lp = root / "npy" / f"{case_id}_label.npy"
+    label = np.load(lp).astype(np.uint8) if lp.exists() else None
+    if image.ndim != 3:
+        raise ValueError(f"case {case_id}: expected a (Z, Y, X) array, got shape {image.shape}")
+    image = clip_normalize_ct(image, *hu_range) if hu_range is not None else image.astype(np.float32)
+    if zoom is not None:
+        image, label, _ = zoom_volume(image, label, zoom)
+    return Volume(case_id, image, label, None, {})
+
+
+# ----------------------------------------------------------------------------- generic NIfTI folder
+def list_generic_cases(root: os.PathLike, image_prefix: str = "image_", suffix: str = ".nii.gz") -> List[str]:
+    ids = [p.name[len(image_prefix):-len(suffix)] for p in Path(root).glob(f"{image_prefix}*{suffix}")]
+    return sorted(ids, key=lambda s: (len(s), s))
+
+
+def read_generic_case(root: os.PathLike, case_id: str, image_pattern: str = "image_{id}.nii.gz",
+                      label_pattern: str = "label_{id}.nii.gz", normalization: str = "percentile",
+                      zoom: Optional[Sequence[float]] = None) -> Volume:
+    """Read one case of a folder of ``image_<id>.nii.gz`` / ``label_<id>.nii.gz`` (CHAOS-T2).
+
+    Args:
+        normalization: ``"percentile"`` (MR, default), ``"ct"`` (HU clip -75..275 + min-max)
+            or ``"minmax"``.
+        zoom: per-axis factors ``(z, y, x)``, e.g. ``(1, 0.5, 0.5)`` to halve the in-plane size.
+    """
+    root = Path(root)
+    image, spacing = load_nifti_zyx(root / image_pattern.format(id=case_id))
+    lp = root / label_pattern.format(id=case_id)
+    label = None
+    if lp.exists():
+        label = np.rint(load_nifti_zyx(lp)[0]).astype(np.uint8)
+        if label.shape != image.shape:
+            raise ValueError(f"case {case_id}: label shape {label.shape} != image shape {image.shape}")
+    native = image.shape
+    if normalization == "percentile":
+        image = percentile_normalize(image)
+    elif normalization == "ct":
+        image = clip_normalize_ct(image)
+    elif normalization == "minmax":
+        image = percentile_normalize(image, 0.0, 100.0)
+    else:
+        raise ValueError(f"normalization: expected 'percentile', 'ct' or 'minmax', got {normalization!r}")
+    if zoom is not None:
+        image, label, _ = zoom_volume(image, label, zoom)
+    return Volume(case_id, image, label, _scaled_spacing(spacing, native, image.shape),
+                  {"native_shape": tuple(native), "native_spacing": spacing,
+                   "axcodes": nifti_axcodes(root / image_pattern.format(id=case_id))})
+
+
+# ----------------------------------------------------------------------------- splits
+def load_split(name: str, labeled: int) -> Dict[str, List[str]]:
+    """A committed split (``examples/splits/<name>.json``) as lists ``labeled``,
+    ``unlabeled``, ``val``, ``test`` and the class names."""
+    with open(SPLITS_DIR / f"{name}.json") as f:
+        s = json.load(f)
+    key = f"labeled_{labeled}"
+    if key not in s:
+        raise ValueError(f"split {name}: no {key!r}; available: {[k for k in s if k.startswith('labeled_')]}")
+    lab = list(s[key])
+    return {"labeled": lab, "unlabeled": [i for i in s["train"] if i not in lab], "val": list(s["val"]),
+            "test": list(s["test"]), "classes": list(s["classes"])}
+
+
+# ----------------------------------------------------------------------------- patch sampling
+class PatchSampler:
+    """Random ``(Z, Y, X)`` patches from in-memory volumes, nnU-Net style.
+
+    Volumes smaller than the patch are zero-padded (labels padded with 0). With
+    probability ``foreground_prob`` (nnU-Net: 1/3) a labeled patch is centred on a random
+    foreground voxel of a random present class; otherwise the corner is uniform.
+    Augmentation (training only): random flips along ``flip_axes`` (by default Z and Y only:
+    an X (left-right) flip would swap the meaning of the left/right kidney labels), a random
+    intensity scale/shift and Gaussian noise.
+
+    The sampler owns a ``numpy.random.Generator``; its state is saved with
+    :meth:`state_dict` so a resumed run draws the same patches.
+    """
+
+    def __init__(self, volumes: Sequence[Volume], patch_size: Sequence[int], foreground_prob: float = 1 / 3,
+                 flip_axes: Sequence[int] = (0, 1), augment: bool = True, seed: int = 0) -> None:
+        if not volumes:
+            raise ValueError("PatchSampler: no volumes")
+        self.volumes = list(volumes)
+        self.patch = tuple(int(p) for p in patch_size)
+        self.foreground_prob = foreground_prob
+        self.flip_axes = tuple(flip_axes)
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+        # foreground coordinates per volume and class, for oversampling
+        self._fg: List[Dict[int, np.ndarray]] = []
+        for v in self.volumes:
+            d: Dict[int, np.ndarray] = {}
+            if v.label is not None:
+                for c in np.unique(v.label):
+                    if c == 0:
+                        continue
+                    coords = np.argwhere(v.label == c)
+                    if len(coords) > 5000:  # a subsample is enough to pick centres from
+                        coords = coords[np.random.default_rng(0).choice(len(coords), 5000, replace=False)]
+                    d[int(c)] = coords
+            self._fg.append(d)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+    def _crop(self, arr: np.ndarray, start: Sequence[int], fill=0) -> np.ndarray:
+        out = np.full(self.patch, fill, dtype=arr.dtype)
+        src, dst = [], []
+        for s, p, n in zip(start, self.patch, arr.shape):
+            a, b = max(s, 0), min(s + p, n)
+            src.append(slice(a, b))
+            dst.append(slice(a - s, b - s))
+        out[tuple(dst)] = arr[tuple(src)]
+        return out
+
+    def sample_one(self) -> Tuple[np.ndarray, np.ndarray]:
+        i = int(self.rng.integers(len(self.volumes)))
+        v = self.volumes[i]
+        shape = v.image.shape
+        fg = self._fg[i]
+        if fg and self.rng.random() < self.foreground_prob:
+            c = list(fg)[int(self.rng.integers(len(fg)))]
+            centre = fg[c][int(self.rng.integers(len(fg[c])))]
+            start = [int(ct) - p // 2 for ct, p in zip(centre, self.patch)]
+            # keep the patch inside the volume where it fits
+            start = [min(max(s, 0), max(n - p, 0)) if n >= p else -((p - n) // 2)
+                     for s, p, n in zip(start, self.patch, shape)]
+        else:
+            start = [int(self.rng.integers(0, n - p + 1)) if n >= p else -int(self.rng.integers(0, p - n + 1))
+                     for p, n in zip(self.patch, shape)]
+        img = self._crop(v.image, start)
+        lab = self._crop(v.label, start) if v.label is not None else np.zeros(self.patch, np.uint8)
+        if self.augment:
+            for ax in self.flip_axes:
+                if self.rng.random() < 0.5:
+                    img, lab = np.flip(img, ax), np.flip(lab, ax)
+            if self.rng.random() < 0.5:
+                img = img * self.rng.uniform(0.9, 1.1) + self.rng.uniform(-0.1, 0.1)
+            if self.rng.random() < 0.2:
+                img = img + self.rng.normal(0.0, 0.03, size=img.shape)
+        return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(lab, dtype=np.int64)
+
+    def sample(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1, *patch)`` float32 images and ``(B, *patch)`` int64 labels."""
+        pairs = [self.sample_one() for _ in range(batch_size)]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+        y = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        return x, y
+
+
+# ----------------------------------------------------------------------------- sliding window
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8,
+                            dtype=torch.float32, device=None) -> torch.Tensor:
+    """nnU-Net's Gaussian patch weighting: a Gaussian centred on the patch with
+    ``sigma = sigma_scale * patch_size`` per axis, scaled to a maximum of 1, with no zero
+    (zeros replaced by the smallest positive value) so every voxel gets some weight."""
+    axes = []
+    for p in patch_size:
+        c = (p - 1) / 2.0
+        sigma = max(p * sigma_scale, 1e-6)
+        r = torch.arange(p, dtype=torch.float64)
+        axes.append(torch.exp(-0.5 * ((r - c) / sigma) ** 2))
+    g = axes[0]
+    for a in axes[1:]:
+        g = g[..., None] * a
+    g = g / g.max()
+    pos = g[g > 0]
+    g = torch.where(g > 0, g, pos.min())
+    return g.to(dtype=dtype, device=device)
+
+
+def _starts(n: int, p: int, step: float) -> List[int]:
+    if n <= p:
+        return [0]
+    k = int(math.ceil((n - p) / (p * step))) + 1
+    return [int(round(i * (n - p) / (k - 1))) for i in range(k)]
+
+
+@torch.no_grad()
+def sliding_window_inference(predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                             patch_size: Sequence[int], num_classes: int, overlap: float = 0.5,
+                             gaussian: bool = True, sigma_scale: float = 1.0 / 8, batch_size: int = 1
+                             ) -> torch.Tensor:
+    """Class probabilities of a whole volume from patch predictions, nnU-Net style.
+
+    Tiles start on a regular grid with step ``(1 - overlap) * patch`` (the last tile flush
+    with the border), each tile's softmax is weighted by the Gaussian importance map
+    (uniform with ``gaussian=False``) and the weighted sum is divided by the summed
+    weights. Volumes smaller than the patch are zero-padded and cropped back.
+
+    Args:
+        predict: maps ``(B, 1, *patch)`` to logits ``(B, C, *patch)``.
+        image: ``(Z, Y, X)``, ``(1, Z, Y, X)`` or ``(1, 1, Z, Y, X)``.
+
+    Returns:
+        ``(C, Z, Y, X)`` float32 probabilities (they sum to 1 over C).
+    """
+    while image.dim() > 3:
+        if image.shape[0] != 1:
+            raise ValueError(f"image: expected one single-channel volume, got shape {tuple(image.shape)}")
+        image = image[0]
+    patch = tuple(int(p) for p in patch_size)
+    shape = tuple(image.shape)
+    pad = [max(p - n, 0) for p, n in zip(patch, shape)]
+    if any(pad):
+        before = [q // 2 for q in pad]
+        padspec = []
+        for q, b in zip(reversed(pad), reversed(before)):
+            padspec += [b, q - b]
+        image = F.pad(image, padspec)
+    else:
+        before = [0, 0, 0]
+    full = tuple(image.shape)
+    dev = image.device
+    w = gaussian_importance_map(patch, sigma_scale, device=dev) if gaussian else torch.ones(patch, device=dev)
+    acc = torch.zeros((num_classes,) + full, dtype=torch.float32, device=dev)
+    norm = torch.zeros(full, dtype=torch.float32, device=dev)
+    step = 1.0 - overlap
+    corners = [(z, y, x) for z in _starts(full[0], patch[0], step) for y in _starts(full[1], patch[1], step)
+               for x in _starts(full[2], patch[2], step)]
+    for i in range(0, len(corners), batch_size):
+        chunk = corners[i:i + batch_size]
+        tiles = torch.stack([image[z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])[:, None]
+        probs = torch.softmax(predict(tiles).float(), dim=1)
+        if probs.shape[1] != num_classes:
+            raise ValueError(f"predict: expected {num_classes} channels, got shape {tuple(probs.shape)}")
+        for (z, y, x), p in zip(chunk, probs):
+            sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+            acc[(slice(None),) + sl] += p * w
+            norm[sl] += w
+    out = acc / norm
+    crop = tuple(slice(b, b + n) for b, n in zip(before, shape))
+    return out[(slice(None),) + crop]
+
+
+# ----------------------------------------------------------------------------- nnU-Net-like planning
+def plan_unet(patch_size: Sequence[int], spacing: Optional[Sequence[float]], n_stages: int,
+              min_size: int = 4) -> Tuple[List[List[int]], List[List[int]]]:
+    """Per-stage strides and kernel sizes in the spirit of nnU-Net's planner.
+
+    At each stage after the first, an axis is downsampled by 2 when its current spacing is
+    at most twice the smallest current spacing and its feature map stays >= ``min_size``;
+    a 3x3x3 kernel becomes 1 along an axis whose spacing is more than twice the smallest
+    (anisotropic MR such as CHAOS-T2: 7.7 mm slices vs 1.25 mm pixels).
+
+    Returns:
+        ``(strides, kernel_sizes)``, one ``[z, y, x]`` list per stage.
+    """
+    sp = [1.0, 1.0, 1.0] if spacing is None else [float(s) for s in spacing]
+    size = [int(p) for p in patch_size]
+    strides, kernels = [[1, 1, 1]], []
+    for s in range(n_stages):
+        if s > 0:
+            m = min(sp)
+            st = [2 if (sp[a] <= 2 * m and size[a] // 2 >= min_size) else 1 for a in range(3)]
+            strides.append(st)
+            size = [n // t for n, t in zip(size, st)]
+            sp = [v * t for v, t in zip(sp, st)]
+        m = min(sp)
+        kernels.append([1 if sp[a] > 2 * m else 3 for a in range(3)])
+    return strides, kernels
