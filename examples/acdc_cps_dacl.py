@@ -1,0 +1,462 @@
+"""Semi-supervised cardiac segmentation on ACDC: supervised baseline, CPS, and CPS + DACL.
+
+Protocol (DESIGN.md section 4): SSL4MIS split; labeled = the first 68 (3 patients) or 136
+(7 patients) lines of ``train_slices.list``, the rest unlabeled; two smp U-Nets trained by
+cross pseudo supervision (CPS); DACL adds one :class:`SoftDensityContrastiveLoss` per model
+(two memory banks) weighted by the Gaussian ramp-up of Eq. 1; SGD + poly decay; best
+checkpoint by mean val Dice; test on the test volumes slice by slice with 3D Dice, Jaccard,
+HD95 and ASD (see ``evaluate_acdc.py``).
+
+Loss: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(a) + L_CL(b))``
+with ``L_sup = CE + Dice`` on the labeled half of the batch and ``L_cross`` the CPS loss on
+the whole batch. Labels of model a's DACL term: ground truth on the labeled half; on the
+unlabeled half model b's argmax where its softmax confidence exceeds ``--phi``, else ignored
+(DESIGN.md 3.3); symmetric for model b.
+
+Examples::
+
+    python examples/acdc_cps_dacl.py --preset smoke                 # ~1 min on 2 CPU cores
+    python examples/acdc_cps_dacl.py --preset quick --method cps    # ~15 min on 2 CPU cores
+    python examples/acdc_cps_dacl.py --preset paper --device cuda   # the paper's protocol
+    # Table 2 (ablation) rows, on top of CPS:
+    #   II  --sampling random --no-bank --weighting none
+    #   III --ks 8 --no-bank --weighting none
+    #   IV  --ks 8 16 32 --no-bank --weighting none
+    #   V   --weighting none              VI (full): the defaults
+    # Table 3 class-wise variant: --anchor-mode class
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from acdc_data import (  # noqa: E402
+    LABELED_SLICES,
+    NUM_CLASSES,
+    ACDCDataError,
+    ACDCSlices,
+    TwoStreamBatchSampler,
+    evenly_spaced,
+    find_acdc_dir,
+    read_list,
+    resolve_data_root,
+)
+from acdc_model import build_wrapper  # noqa: E402
+from acdc_plot import render, save_slices, select_slices  # noqa: E402
+from evaluate_acdc import evaluate, format_table, strip_private  # noqa: E402
+
+from torch_dacl import GaussianRampUp, SoftDensityContrastiveLoss  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPER_STEPS, PAPER_WARMUP = 30000, 1000
+
+# Everything a preset sets can be overridden by the flag of the same name.
+PRESETS: Dict[str, dict] = {
+    # end to end in about a minute on 2 CPU cores: tiny input, a handful of steps,
+    # val on 2 volumes, test on 3 volumes (a pipeline check, not a result)
+    "smoke": dict(size=64, labeled_bs=2, unlabeled_bs=2, steps=30, encoder="tu-regnetx_002",
+                  decoder_channels=[64, 32, 16, 16], embed_dim=32, val_every=15, val_volumes=2,
+                  test_volumes=3, workers=0, amp="none", max_samples_per_class=512, cl_stride=2),
+    # a CPU-sized run (about 15 minutes on 2 CPU cores shared with other jobs): 96x96, a
+    # 0.45M-parameter RegNetX-200MF encoder, batch 4 + 4, D = 32, DACL on a stride-2 pixel
+    # grid; val on 5 of the 20 val volumes, test on all 40
+    "quick": dict(size=96, labeled_bs=4, unlabeled_bs=4, steps=400, encoder="tu-regnetx_002",
+                  decoder_channels=[64, 32, 16, 16], embed_dim=32, val_every=100, val_volumes=5,
+                  test_volumes=None, workers=0, amp="none", max_samples_per_class=1024, cl_stride=2),
+    # the paper's protocol (GPU): 256x256, batch 12 + 12, 30k steps, val on all 20 volumes
+    "paper": dict(size=256, labeled_bs=12, unlabeled_bs=12, steps=30000, encoder="resnet18",
+                  decoder_channels=[256, 128, 64, 32, 16], embed_dim=64, val_every=200, val_volumes=None,
+                  test_volumes=None, workers=4, amp="bf16", max_samples_per_class=1024, cl_stride=1),
+}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::")[1])
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    g.add_argument("--method", choices=("sup", "cps", "dacl"), default="dacl",
+                   help="sup: supervised on the labeled slices only; cps: CPS; dacl: CPS + DACL")
+    g.add_argument("--labeled-patients", type=int, choices=sorted(LABELED_SLICES), default=7)
+    g.add_argument("--data-root", default=None,
+                   help="folder holding ACDC/ (default: $TORCH_DACL_DATA, else <repo>/../shared/data)")
+    g.add_argument("--output-dir", type=Path, default=None,
+                   help="run folder (default: runs/acdc_<method>_<preset>_seed<seed> under the repository)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None)
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint (default: <output-dir>/last.pt)")
+    g.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step as if interrupted (continue with --resume)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves (default: val_every)")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG of test slices")
+
+    g = p.add_argument_group("model and optimisation (preset defaults)")
+    g.add_argument("--size", type=int, default=None, help="input side (slices are resized to size x size)")
+    g.add_argument("--labeled-bs", type=int, default=None)
+    g.add_argument("--unlabeled-bs", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="training iterations")
+    g.add_argument("--encoder", default=None, help="smp encoder name (random init)")
+    g.add_argument("--decoder-channels", type=int, nargs="+", default=None)
+    g.add_argument("--embed-dim", type=int, default=None, help="projection head output D")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--poly-power", type=float, default=0.9)
+    g.add_argument("--lambda-cross", type=float, default=1.0)
+    g.add_argument("--eval-model", choices=("a", "b", "ensemble"), default="a",
+                   help="which network is validated and tested")
+
+    g = p.add_argument_group("evaluation (preset defaults)")
+    g.add_argument("--val-every", type=int, default=None)
+    g.add_argument("--val-volumes", type=int, default=None, help="evenly spaced val volumes (default: preset; 0 = all)")
+    g.add_argument("--test-volumes", type=int, default=None, help="evenly spaced test volumes (default: preset; 0 = all)")
+
+    g = p.add_argument_group("DACL (paper defaults; ablation switches)")
+    g.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps with lambda_CL = 0 (default: 1000 * steps / 30000, DESIGN.md 3.4)")
+    g.add_argument("--phi", type=float, default=0.95, help="confidence threshold of the pseudo labels used by DACL")
+    g.add_argument("--mask-threshold", type=float, default=0.5, help="phi of Eq. 2 (prototype masks)")
+    g.add_argument("--temperature", type=float, default=0.4)
+    g.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32], help="kNN scales; one value = single scale")
+    g.add_argument("--num-anchors", type=int, default=256)
+    g.add_argument("--num-positives", type=int, default=512)
+    g.add_argument("--num-negatives", type=int, default=512)
+    g.add_argument("--bank-size", type=int, default=1000)
+    g.add_argument("--bank-source", choices=("prototype", "pixel"), default="prototype")
+    g.add_argument("--no-bank", action="store_true", help="no memory bank (Table 2 II-IV)")
+    g.add_argument("--sampling", choices=("density", "random"), default="density",
+                   help="random = plain contrastive learning (Table 2 II)")
+    g.add_argument("--weighting", choices=("paper", "scale", "none"), default="paper",
+                   help="positiveness weights w_i (Table 2 V: none, VI: paper)")
+    g.add_argument("--anchor-mode", choices=("pixel", "class"), default="pixel", help="class: Table 3 class-wise")
+    g.add_argument("--max-samples-per-class", type=int, default=None)
+    g.add_argument("--cl-stride", type=int, default=None,
+                   help="DACL sees the pixels of a regular grid with this stride (random offset each step); "
+                        "1 = every pixel (paper preset), 2 saves CPU time in the smaller presets")
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> dict:
+    cfg = dict(PRESETS[args.preset])
+    for key in list(cfg) + ["size", "labeled_bs", "unlabeled_bs"]:
+        v = getattr(args, key, None)
+        if v is not None:
+            cfg[key] = v
+    for key in ("val_volumes", "test_volumes"):
+        if cfg.get(key) == 0:
+            cfg[key] = None
+    skip = {"resume", "stop_at", "output_dir", "data_root", "no_plot"}
+    for key, v in vars(args).items():
+        if key not in cfg and key not in skip:
+            cfg[key] = v
+    if args.method == "sup":
+        cfg["unlabeled_bs"] = 0
+    if cfg["warmup_steps"] is None:
+        cfg["warmup_steps"] = int(round(PAPER_WARMUP * cfg["steps"] / PAPER_STEPS))
+    cfg["ckpt_every"] = cfg["ckpt_every"] or cfg["val_every"]
+    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg["data_root_arg"] = args.data_root
+    cfg["labeled_slices"] = LABELED_SLICES[cfg["labeled_patients"]]
+    return cfg
+
+
+def default_output_dir(cfg: dict) -> Path:
+    return REPO_ROOT / "runs" / f"acdc_{cfg['method']}_{cfg['preset']}_seed{cfg['seed']}"
+
+
+def build_dacl(cfg: dict) -> SoftDensityContrastiveLoss:
+    return SoftDensityContrastiveLoss(
+        num_classes=NUM_CLASSES, dim=cfg["embed_dim"], temperature=cfg["temperature"], ks=tuple(cfg["ks"]),
+        num_anchors=cfg["num_anchors"], num_positives=cfg["num_positives"], num_negatives=cfg["num_negatives"],
+        bank_size=cfg["bank_size"], bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"],
+        sampling=cfg["sampling"], weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"],
+        max_samples_per_class=cfg["max_samples_per_class"], threshold=cfg["mask_threshold"],
+        ignore_index=-100, validate=False)
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - min(step, total) / total) ** power
+
+
+def amp_dtype(name: str) -> Optional[torch.dtype]:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Trainer:
+    """Holds the models, losses, optimiser and state of one run."""
+
+    def __init__(self, cfg: dict, run_dir: Path, acdc_dir: Path) -> None:
+        import segmentation_models_pytorch as smp
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.acdc_dir = acdc_dir
+        self.device = torch.device(cfg["device"])
+        self.amp = amp_dtype(cfg["amp"])
+        self.wrapper = build_wrapper(cfg).to(self.device)
+        self.dacl_a = build_dacl(cfg).to(self.device)
+        self.dacl_b = build_dacl(cfg).to(self.device)
+        self.ramp = GaussianRampUp(cfg["steps"], max_weight=cfg["lambda_cl"], warmup_steps=cfg["warmup_steps"])
+        self.opt = torch.optim.SGD(self.wrapper.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                   weight_decay=cfg["weight_decay"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
+        self.dice = smp.losses.DiceLoss(mode="multiclass", from_logits=True)
+        self.step = 0
+        self.best = {"val_dice": -1.0, "step": None}
+        self.history: List[dict] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {"model": self.wrapper.state_dict(), "dacl_a": self.dacl_a.state_dict(),
+                "dacl_b": self.dacl_b.state_dict(), "ramp": self.ramp.state_dict(),
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "best": self.best, "history": self.history, "rng": rng_state(), "config": self.cfg}
+
+    def load_state_dict(self, ck: dict) -> None:
+        self.wrapper.load_state_dict(ck["model"])
+        self.dacl_a.load_state_dict(ck["dacl_a"])
+        self.dacl_b.load_state_dict(ck["dacl_b"])
+        self.ramp.load_state_dict(ck["ramp"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step = int(ck["step"])
+        self.best = ck["best"]
+        self.history = ck["history"]
+        set_rng_state(ck["rng"])
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / name
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def sup_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels) + self.dice(logits, labels)
+
+    def dacl_labels(self, gt: torch.Tensor, logits_other: torch.Tensor) -> torch.Tensor:
+        """GT on the labeled half, the other model's confident argmax on the unlabeled half."""
+        lbs = gt.shape[0]
+        with torch.no_grad():
+            conf, pl = logits_other[lbs:].detach().softmax(1).max(1)
+            pl = torch.where(conf > self.cfg["phi"], pl, torch.full_like(pl, -100))
+        return torch.cat([gt, pl], 0)
+
+    def train_step(self, batch: dict) -> Dict[str, float]:
+        cfg = self.cfg
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        lbs = cfg["labeled_bs"]
+        gt = y[:lbs]
+        lr = poly_lr(cfg["lr"], self.step, cfg["steps"], cfg["poly_power"])
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+        lam = self.ramp.value
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            out = self.wrapper(x)
+        la, lb = out.logits_a.float(), out.logits_b.float()
+        l_sup = self.sup_loss(la[:lbs], gt) + self.sup_loss(lb[:lbs], gt)
+        loss = l_sup
+        logs = {"sup": l_sup}
+        if cfg["method"] in ("cps", "dacl"):
+            l_cross = self.wrapper.cross_loss(la, lb)
+            loss = loss + cfg["lambda_cross"] * l_cross
+            logs["cross"] = l_cross
+        if cfg["method"] == "dacl":
+            # always run (it fills the banks during warm-up); lambda_CL = 0 there
+            ea, eb, ya, yb = out.embeddings_a, out.embeddings_b, self.dacl_labels(gt, lb), self.dacl_labels(gt, la)
+            s = cfg["cl_stride"]
+            if s > 1:  # a regular pixel grid with a random offset: s*s times fewer candidate pixels
+                oy, ox = (int(v) for v in torch.randint(s, (2,)))
+                ea, eb = ea[..., oy::s, ox::s], eb[..., oy::s, ox::s]
+                ya, yb = ya[..., oy::s, ox::s], yb[..., oy::s, ox::s]
+            l_cl_a = self.dacl_a(ea, ya)
+            l_cl_b = self.dacl_b(eb, yb)
+            loss = loss + lam * (l_cl_a + l_cl_b)
+            logs["cl"] = l_cl_a + l_cl_b
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ramp.step()
+        self.step += 1
+        logs["loss"] = loss
+        vals = {k: float(v.detach()) for k, v in logs.items()}
+        vals.update(lam=lam, lr=lr)
+        if not all(math.isfinite(v) for v in vals.values()):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {vals}")
+        return vals
+
+
+def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optional[int] = None,
+        plot: bool = True) -> dict:
+    """Train (or resume), validate periodically, test the best checkpoint; returns metrics."""
+    from torch.utils.data import DataLoader
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    t_start = time.time()
+    acdc_dir = find_acdc_dir(resolve_data_root(cfg["data_root_arg"]))
+    slices = read_list(acdc_dir, "train_slices.list")
+    read_list(acdc_dir, "val.list")
+    read_list(acdc_dir, "test.list")
+    n_lab = cfg["labeled_slices"]
+    if len(slices) <= n_lab:
+        raise ACDCDataError(f"{str(acdc_dir / 'train_slices.list')!r} has {len(slices)} lines; "
+                            f"{n_lab} labeled slices plus unlabeled ones are needed")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+
+    trainer = Trainer(cfg, run_dir, acdc_dir)
+    ckpt_path = None
+    if resume:
+        ckpt_path = run_dir / "last.pt" if resume == "auto" else Path(resume)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint {str(ckpt_path)!r} does not exist")
+        ck = torch.load(ckpt_path, map_location=trainer.device, weights_only=False)
+        changed = {k: (ck["config"].get(k), cfg.get(k)) for k in cfg
+                   if k not in ("device", "threads", "workers", "log_every", "data_root_arg") and ck["config"].get(k) != cfg.get(k)}
+        if changed:
+            warnings.warn(f"resuming with a configuration that differs from the checkpoint's: {changed}")
+        trainer.load_state_dict(ck)
+        print(f"resumed from {ckpt_path} at step {trainer.step}")
+    else:
+        torch.manual_seed(cfg["seed"] + 1)  # DACL's sampling RNG; the nets were seeded in build_wrapper
+        np.random.seed(cfg["seed"])
+        random.seed(cfg["seed"])
+    (run_dir / "config.json").write_text(json.dumps({**cfg, "acdc_dir": str(acdc_dir)}, indent=2))
+
+    ds = ACDCSlices(acdc_dir, cfg["size"], augment=True, cases=slices)
+    sampler = TwoStreamBatchSampler(range(n_lab), range(n_lab, len(slices)), cfg["labeled_bs"], cfg["unlabeled_bs"],
+                                    num_steps=cfg["steps"], seed=cfg["seed"], start_step=trainer.step)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg["workers"], pin_memory=trainer.device.type == "cuda",
+                        persistent_workers=False,
+                        # its own generator: creating the iterator must not draw from the global
+                        # RNG, or a resumed run would diverge (the data order is the sampler's)
+                        generator=torch.Generator().manual_seed(cfg["seed"]))
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=trainer.step or None)
+    val_every = cfg["val_every"]
+    last = min(cfg["steps"], stop_at) if stop_at else cfg["steps"]
+    bar = tqdm(total=cfg["steps"], initial=trainer.step, desc=f"{cfg['method']} {cfg['preset']}", dynamic_ncols=True)
+    t_train = time.time()
+    for batch in loader:
+        if trainer.step >= last:
+            break
+        vals = trainer.train_step(batch)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k != "lr"}, refresh=False)
+        if trainer.step % cfg["log_every"] == 0 or trainer.step == cfg["steps"]:
+            for k, v in vals.items():
+                writer.add_scalar(f"train/{k}", v, trainer.step)
+        if trainer.step % val_every == 0 or trainer.step == cfg["steps"]:
+            res = evaluate(trainer.wrapper, acdc_dir, "val", cfg["size"], trainer.device, which=cfg["eval_model"],
+                           limit=cfg["val_volumes"], full=False, amp_dtype=trainer.amp)
+            dice = res["mean"]["dice"]
+            writer.add_scalar("val/dice", dice, trainer.step)
+            for cname, v in res["per_class"]["dice"].items():
+                writer.add_scalar(f"val/dice_{cname}", v, trainer.step)
+            trainer.history.append({"step": trainer.step, "val_dice": dice})
+            if dice > trainer.best["val_dice"]:
+                trainer.best = {"val_dice": dice, "step": trainer.step}
+                torch.save({"model": trainer.wrapper.state_dict(), "config": cfg, "step": trainer.step,
+                            "val_dice": dice}, run_dir / "best.pt")
+            bar.write(f"step {trainer.step}: val Dice {100 * dice:.2f} ({res['num_volumes']} volumes), "
+                      f"best {100 * trainer.best['val_dice']:.2f} at step {trainer.best['step']}")
+        if trainer.step % cfg["ckpt_every"] == 0 or trainer.step in (last, cfg["steps"]):
+            trainer.save("last.pt")
+    bar.close()
+    train_seconds = time.time() - t_train
+    writer.flush()
+    if trainer.step < cfg["steps"]:
+        writer.close()
+        print(f"stopped at step {trainer.step} of {cfg['steps']}; continue with --resume")
+        return {"stopped_at": trainer.step}
+
+    # ---------------------------------------------------------------- test
+    best_path = run_dir / "best.pt"
+    if best_path.is_file():
+        trainer.wrapper.load_state_dict(torch.load(best_path, map_location=trainer.device, weights_only=False)["model"])
+    test_cases = read_list(acdc_dir, "test.list", check_files=False)
+    if cfg["test_volumes"]:
+        test_cases = evenly_spaced(test_cases, cfg["test_volumes"])
+    keep = evenly_spaced(test_cases, 4)
+    res = evaluate(trainer.wrapper, acdc_dir, "test", cfg["size"], trainer.device, which=cfg["eval_model"],
+                   limit=cfg["test_volumes"], full=True, amp_dtype=trainer.amp, keep_predictions=keep, progress=True)
+    print(format_table(res))
+    sl = select_slices(res["_predictions"])
+    save_slices(run_dir / "test_slices.npz", sl)
+    if plot:
+        render([(f"{cfg['method']} prediction", sl)], run_dir / "test_predictions.png")
+    for m, v in res["mean"].items():
+        writer.add_scalar(f"test/{m}", v, trainer.step)
+    writer.close()
+    n_val = len(read_list(acdc_dir, "val.list", check_files=False))
+    metrics = {
+        "method": cfg["method"], "preset": cfg["preset"], "seed": cfg["seed"],
+        "labeled_patients": cfg["labeled_patients"], "labeled_slices": n_lab,
+        "steps": trainer.step, "best_val_dice": trainer.best["val_dice"], "best_step": trainer.best["step"],
+        "val_volumes": cfg["val_volumes"] or n_val, "val_volumes_in_split": n_val,
+        "val_metric": "mean 3D Dice over classes 1-3 of model " + cfg["eval_model"],
+        "reduced_evaluation": bool(cfg["val_volumes"] or cfg["test_volumes"]),
+        "val_history": trainer.history,
+        "test": strip_private(res),
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
+        "device": str(trainer.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"run folder: {run_dir} (metrics.json, config.json, best.pt, last.pt, tb/, test_predictions.png)")
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    cfg = make_config(args)
+    run_dir = args.output_dir or default_output_dir(cfg)
+    return run(cfg, Path(run_dir), resume=args.resume, stop_at=args.stop_at, plot=not args.no_plot)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        main()
+    except ACDCDataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,56 @@
+"""Model construction for the ACDC example: two smp U-Nets in a :class:`CoTrainingWrapper`."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from torch_dacl import CoTrainingWrapper
+
+__all__ = ["build_unet", "build_wrapper", "predict_logits"]
+
+
+def build_unet(encoder: str, decoder_channels: Sequence[int], num_classes: int = 4) -> nn.Module:
+    """An smp U-Net with random weights (``encoder_weights=None``: nothing is downloaded).
+
+    ``encoder_depth`` follows ``len(decoder_channels)``; the decoder output (the feature map
+    the projection head reads) has ``decoder_channels[-1]`` channels at input resolution.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # smp/timm deprecation chatter
+        import segmentation_models_pytorch as smp
+
+        return smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=num_classes,
+                        encoder_depth=len(decoder_channels), decoder_channels=tuple(decoder_channels))
+
+
+def build_wrapper(cfg: dict) -> CoTrainingWrapper:
+    """The co-training pair of a run configuration (keys ``encoder``, ``decoder_channels``,
+    ``embed_dim``, ``seed``); the two nets get different initialisations (CPS needs that)."""
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    dec = list(cfg["decoder_channels"])
+    a = build_unet(cfg["encoder"], dec)
+    b = build_unet(cfg["encoder"], dec)
+    return CoTrainingWrapper(a, b, feature_layer="decoder", feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]))
+
+
+@torch.no_grad()
+def predict_logits(wrapper: CoTrainingWrapper, x: torch.Tensor, which: str = "a") -> torch.Tensor:
+    """Logits of model ``a``, ``b``, or the mean of both softmaxes (``"ensemble"``, returned as
+    log-probabilities) for ``x (N, 1, H, W)``."""
+    if which == "a":
+        out = wrapper.model_a(x)
+    elif which == "b":
+        out = wrapper.model_b(x)
+    elif which == "ensemble":
+        pa = wrapper.model_a(x).float().softmax(1)
+        pb = wrapper.model_b(x).float().softmax(1)
+        out = ((pa + pb) / 2).clamp_min(1e-8).log()
+    else:
+        raise ValueError(f"which: expected 'a', 'b' or 'ensemble', got {which!r}")
+    # calling a sub-model directly fires the wrapper's feature hook; drop what it stored
+    getattr(wrapper, "_features", {}).clear()
+    return out.float()
