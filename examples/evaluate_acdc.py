@@ -25,14 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see acdc_cps_dacl.py; before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acdc_data import CLASS_NAMES, NUM_CLASSES, ACDCVolumes, find_acdc_dir, resolve_data_root  # noqa: E402
