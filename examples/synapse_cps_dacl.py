@@ -74,7 +74,7 @@ from torch_dacl import CoTrainingWrapper, GaussianRampUp, SoftDensityContrastive
 # btcv / dhc_npy volumes are resized to patch + patch // 4 (DHC).
 PRESETS: Dict[str, dict] = {
     "smoke": dict(
-        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), features=(4, 8, 16), n_stages=3,
+        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), features=(4, 8, 16), n_stages=3, lr=0.01,
         batch_labeled=1, batch_unlabeled=1, iterations=8, val_every=8, max_val_cases=1, max_test_cases=2,
         embed_dim=16, hidden_dim=16, num_anchors=64, num_positives=128, num_negatives=128, bank_size=100,
         max_samples_per_class=256, warmup_steps=2, val_overlap=0.25,
@@ -82,16 +82,17 @@ PRESETS: Dict[str, dict] = {
              "(4-8-16 features), 1+1 patches, 8 iterations (DACL active from iteration 3), DACL sizes reduced (D=16, N_q=64, N_p=128, L=100), "
              "1 val and 2 test volumes, window overlap 0.25. Checks the pipeline runs; the numbers mean nothing."),
     "quick": dict(
-        patch=(16, 64, 64), chaos_zoom=(1.0, 0.5, 0.5), features=(8, 16, 32, 64), n_stages=4,
+        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), features=(8, 16, 32, 64), n_stages=4, lr=0.03,
         batch_labeled=2, batch_unlabeled=2, iterations=250, val_every=50, max_val_cases=None, max_test_cases=None,
         embed_dim=32, hidden_dim=32, num_anchors=256, num_positives=512, num_negatives=512, bank_size=1000,
-        max_samples_per_class=1024, warmup_steps=8, val_overlap=0.25,
-        note="quick: CHAOS-T2 in-plane downsampled 2x (128x128xZ, 2.5x2.5x7.7 mm), patch 16x64x64, 4-stage "
-             "PlainConvUNet (8-16-32-64 features), 2+2 patches, 250 iterations (warm-up 8 = 1000/30000 scaled), "
-             "embedding D=32; paper DACL sizes otherwise (N_q=256, N_p=512, L=1000); all 2 val / 6 test volumes "
-             "(validation windows overlap 0.25, test 0.5)."),
+        max_samples_per_class=1024, warmup_steps=8, val_overlap=0.5,
+        note="quick: CHAOS-T2 in-plane downsampled 4x (64x64xZ, 5x5x7.7 mm) so a 16x64x64 patch holds whole "
+             "slices, 4-stage PlainConvUNet (8-16-32-64 features), 2+2 patches, 250 iterations (warm-up 8 = "
+             "1000/30000 scaled), lr 0.03 (at 0.01, a first attempt at 2x downsampling with 16x64x64 patches "
+             "still predicted only background after 200 iterations), embedding D=32; paper DACL sizes otherwise "
+             "(N_q=256, N_p=512, L=1000); all 2 val / 6 test volumes."),
     "paper": dict(
-        patch=(64, 128, 128), chaos_zoom=(1.0, 0.625, 0.625), features=(32, 64, 128, 256, 320), n_stages=5,
+        patch=(64, 128, 128), chaos_zoom=(1.0, 0.625, 0.625), features=(32, 64, 128, 256, 320), n_stages=5, lr=0.01,
         batch_labeled=2, batch_unlabeled=2, iterations=30000, val_every=500, max_val_cases=None, max_test_cases=None,
         embed_dim=64, hidden_dim=None, num_anchors=256, num_positives=512, num_negatives=512, bank_size=1000,
         max_samples_per_class=1024, warmup_steps=1000, val_overlap=0.5,
@@ -120,7 +121,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.9, help="phi: confidence for DACL pseudo labels")
     p.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the DACL term (Eq. 1)")
     p.add_argument("--lambda-cross", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the preset's)")
     p.add_argument("--temperature", type=float, default=0.4)
     p.add_argument("--bank-source", choices=("prototype", "pixel"), default="prototype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -141,7 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int)
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
-    for key in ("iterations", "val_every", "batch_labeled", "batch_unlabeled", "embed_dim", "max_val_cases",
+    for key in ("lr", "iterations", "val_every", "batch_labeled", "batch_unlabeled", "embed_dim", "max_val_cases",
                 "max_test_cases", "warmup_steps"):
         v = getattr(args, key)
         if v is not None:
@@ -391,7 +392,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     params = list(wrapper.model_a.parameters()) + list(wrapper.model_b.parameters())
     if args.method == "dacl":
         params += list(wrapper.head_a.parameters()) + list(wrapper.head_b.parameters())
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=1e-4, nesterov=True)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp_dtype == torch.float16))
     lab_sampler = sd.PatchSampler(lab_vols, cfg["patch"], seed=args.seed)
     unl_sampler = sd.PatchSampler(unl_vols, cfg["patch"], seed=args.seed + 1000) if unl_vols else None
@@ -437,7 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     val_s = 0.0
     wrapper.train()
     for it in bar:
-        lr = args.lr * (1 - it / iters) ** 0.9
+        lr = cfg["lr"] * (1 - it / iters) ** 0.9
         for g in opt.param_groups:
             g["lr"] = lr
         xl, yl = lab_sampler.sample(bl)
@@ -505,7 +506,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 torch.save(checkpoint(step), ckpt_best)
             torch.save(checkpoint(step), ckpt_last)
             msg = f"iter {step}: val mean Dice {vdice:.4f} (best {best['dice']:.4f} @ {best['iteration']})"
-            (bar.write if hasattr(bar, "write") else print)(msg)
+            if hasattr(bar, "write") and not args.no_progress:
+                bar.write(msg)
+            else:
+                print(msg, flush=True)
             val_s += time.time() - t_val
     train_s = time.time() - t_train
     if hasattr(bar, "close"):
