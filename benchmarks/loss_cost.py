@@ -34,8 +34,11 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import torch
-import torch.nn.functional as F
+# Spinning OpenMP threads make a shared CPU crawl; must be set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
