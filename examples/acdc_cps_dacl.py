@@ -18,12 +18,23 @@ Examples::
     python examples/acdc_cps_dacl.py --preset smoke                 # ~1 min on 2 CPU cores
     python examples/acdc_cps_dacl.py --preset quick --method cps    # ~15 min on 2 CPU cores
     python examples/acdc_cps_dacl.py --preset paper --device cuda   # the paper's protocol
+    torchrun --standalone --nproc_per_node=4 examples/acdc_cps_dacl.py --preset paper  # DDP, 4 GPUs
     # Table 2 (ablation) rows, on top of CPS:
     #   II  --sampling random --no-bank --weighting none
     #   III --ks 8 --no-bank --weighting none
     #   IV  --ks 8 16 32 --no-bank --weighting none
     #   V   --weighting none              VI (full): the defaults
     # Table 3 class-wise variant: --anchor-mode class
+
+Distributed (``torchrun --nproc_per_node=N``, see docs/distributed.rst): the preset's batch
+sizes stay the *global* batch, each rank gets ``labeled_bs / N`` labeled and
+``unlabeled_bs / N`` unlabeled slices (both must be multiples of N), so results compare with
+one process. DDP wraps the two networks, DACL gathers its samples over the ranks
+(``gather_distributed=True``), BatchNorm becomes SyncBatchNorm on CUDA (CPU/gloo runs keep
+per-rank BatchNorm: torch has no CPU SyncBatchNorm). Data order, augmentation and DACL
+sampling are seeded per rank (``seed + rank``), the model initialisation is the same on
+all ranks. Rank 0 alone logs (tqdm, TensorBoard), saves checkpoints and evaluates (val and
+test); the other ranks wait. ``--resume`` loads the checkpoint on every rank.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist  # noqa: E402
 from acdc_data import (  # noqa: E402
     LABELED_SLICES,
     NUM_CLASSES,
@@ -115,8 +127,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
     g = p.add_argument_group("model and optimisation (preset defaults)")
     g.add_argument("--size", type=int, default=None, help="input side (slices are resized to size x size)")
-    g.add_argument("--labeled-bs", type=int, default=None)
-    g.add_argument("--unlabeled-bs", type=int, default=None)
+    g.add_argument("--labeled-bs", type=int, default=None,
+                   help="labeled slices per step; under torchrun the global batch, split over the ranks")
+    g.add_argument("--unlabeled-bs", type=int, default=None,
+                   help="unlabeled slices per step; under torchrun the global batch, split over the ranks")
     g.add_argument("--steps", type=int, default=None, help="training iterations")
     g.add_argument("--encoder", default=None, help="smp encoder name (random init)")
     g.add_argument("--decoder-channels", type=int, nargs="+", default=None)
@@ -195,7 +209,7 @@ def build_dacl(cfg: dict) -> SoftDensityContrastiveLoss:
         bank_size=cfg["bank_size"], bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"],
         sampling=cfg["sampling"], weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"],
         max_samples_per_class=cfg["max_samples_per_class"], threshold=cfg["mask_threshold"],
-        ignore_index=-100, validate=False)
+        ignore_index=-100, validate=False, gather_distributed=_dist.is_dist())
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -233,6 +247,12 @@ class Trainer:
         self.device = torch.device(cfg["device"])
         self.amp = amp_dtype(cfg["amp"])
         self.wrapper = build_wrapper(cfg).to(self.device)
+        # per-rank batch sizes (the global ones in one process); under DDP the heads are
+        # unused by sup / cps, hence find_unused_parameters there
+        self.lbs = _dist.split_batch(cfg["labeled_bs"], "--labeled-bs")
+        _dist.split_batch(cfg["unlabeled_bs"], "--unlabeled-bs")
+        self.net = _dist.wrap_ddp(self.wrapper, self.device, find_unused_parameters=cfg["method"] != "dacl")
+        self.wrapper = _dist.unwrap(self.net)  # checkpoints and evaluation use the plain module
         self.dacl_a = build_dacl(cfg).to(self.device)
         self.dacl_b = build_dacl(cfg).to(self.device)
         self.ramp = GaussianRampUp(cfg["steps"], max_weight=cfg["lambda_cl"], warmup_steps=cfg["warmup_steps"])
@@ -249,7 +269,8 @@ class Trainer:
         return {"model": self.wrapper.state_dict(), "dacl_a": self.dacl_a.state_dict(),
                 "dacl_b": self.dacl_b.state_dict(), "ramp": self.ramp.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "best": self.best, "history": self.history, "rng": rng_state(), "config": self.cfg}
+                "best": self.best, "history": self.history, "rng": rng_state(), "config": self.cfg,
+                **({"rng_ranks": _dist.gather_objects(rng_state())} if _dist.is_dist() else {})}
 
     def load_state_dict(self, ck: dict) -> None:
         self.wrapper.load_state_dict(ck["model"])
@@ -262,12 +283,23 @@ class Trainer:
         self.best = ck["best"]
         self.history = ck["history"]
         set_rng_state(ck["rng"])
+        if _dist.is_dist():  # each rank continues its own random streams
+            ranks = ck.get("rng_ranks") or []
+            if len(ranks) == _dist.world_size():
+                set_rng_state(ranks[_dist.rank()])
+            else:
+                warnings.warn(f"the checkpoint holds the random state of {len(ranks) or 1} rank(s), not "
+                              f"{_dist.world_size()}: re-seeding, the run will not continue bit-exactly")
+                torch.manual_seed(_dist.rank_seed(self.cfg["seed"]) + 1 + 7919 * self.step)
 
     def save(self, name: str) -> Path:
+        """Write a checkpoint (rank 0; under DDP every rank must call it: it gathers RNG states)."""
         path = self.run_dir / name
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        state = self.state_dict()
+        if _dist.is_main():
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
         return path
 
     # ------------------------------------------------------------------ one step
@@ -286,14 +318,14 @@ class Trainer:
         cfg = self.cfg
         x = batch["image"].to(self.device, non_blocking=True)
         y = batch["label"].to(self.device, non_blocking=True)
-        lbs = cfg["labeled_bs"]
+        lbs = self.lbs  # cfg["labeled_bs"] in one process
         gt = y[:lbs]
         lr = poly_lr(cfg["lr"], self.step, cfg["steps"], cfg["poly_power"])
         for grp in self.opt.param_groups:
             grp["lr"] = lr
         lam = self.ramp.value
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            out = self.wrapper(x)
+            out = self.net(x)
         la, lb = out.logits_a.float(), out.logits_b.float()
         l_sup = self.sup_loss(la[:lbs], gt) + self.sup_loss(lb[:lbs], gt)
         loss = l_sup
@@ -323,6 +355,7 @@ class Trainer:
         logs["loss"] = loss
         vals = {k: float(v.detach()) for k, v in logs.items()}
         vals.update(lam=lam, lr=lr)
+        vals = _dist.mean_scalars(vals)  # averaged over the ranks (unchanged in one process)
         if not all(math.isfinite(v) for v in vals.values()):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {vals}")
         return vals
@@ -345,6 +378,7 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         raise ACDCDataError(f"{str(acdc_dir / 'train_slices.list')!r} has {len(slices)} lines; "
                             f"{n_lab} labeled slices plus unlabeled ones are needed")
     run_dir.mkdir(parents=True, exist_ok=True)
+    main_rank = _dist.is_main()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
 
@@ -360,25 +394,30 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         if changed:
             warnings.warn(f"resuming with a configuration that differs from the checkpoint's: {changed}")
         trainer.load_state_dict(ck)
-        print(f"resumed from {ckpt_path} at step {trainer.step}")
+        if main_rank:
+            print(f"resumed from {ckpt_path} at step {trainer.step}")
     else:
-        torch.manual_seed(cfg["seed"] + 1)  # DACL's sampling RNG; the nets were seeded in build_wrapper
-        np.random.seed(cfg["seed"])
-        random.seed(cfg["seed"])
-    (run_dir / "config.json").write_text(json.dumps({**cfg, "acdc_dir": str(acdc_dir)}, indent=2))
+        # DACL's sampling RNG (per rank: seed + rank); the nets were seeded in build_wrapper
+        torch.manual_seed(_dist.rank_seed(cfg["seed"]) + 1)
+        np.random.seed(_dist.rank_seed(cfg["seed"]))
+        random.seed(_dist.rank_seed(cfg["seed"]))
+    if main_rank:
+        (run_dir / "config.json").write_text(json.dumps({**cfg, "acdc_dir": str(acdc_dir)}, indent=2))
 
     ds = ACDCSlices(acdc_dir, cfg["size"], augment=True, cases=slices)
     sampler = TwoStreamBatchSampler(range(n_lab), range(n_lab, len(slices)), cfg["labeled_bs"], cfg["unlabeled_bs"],
-                                    num_steps=cfg["steps"], seed=cfg["seed"], start_step=trainer.step)
+                                    num_steps=cfg["steps"], seed=cfg["seed"], start_step=trainer.step,
+                                    rank=_dist.rank(), world_size=_dist.world_size())
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=cfg["workers"], pin_memory=trainer.device.type == "cuda",
                         persistent_workers=False,
                         # its own generator: creating the iterator must not draw from the global
                         # RNG, or a resumed run would diverge (the data order is the sampler's)
                         generator=torch.Generator().manual_seed(cfg["seed"]))
-    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=trainer.step or None)
+    writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=trainer.step or None) if main_rank else None
     val_every = cfg["val_every"]
     last = min(cfg["steps"], stop_at) if stop_at else cfg["steps"]
-    bar = tqdm(total=cfg["steps"], initial=trainer.step, desc=f"{cfg['method']} {cfg['preset']}", dynamic_ncols=True)
+    bar = tqdm(total=cfg["steps"], initial=trainer.step, desc=f"{cfg['method']} {cfg['preset']}", dynamic_ncols=True,
+               disable=not main_rank)
     t_train = time.time()
     for batch in loader:
         if trainer.step >= last:
@@ -386,10 +425,10 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         vals = trainer.train_step(batch)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k != "lr"}, refresh=False)
-        if trainer.step % cfg["log_every"] == 0 or trainer.step == cfg["steps"]:
+        if main_rank and (trainer.step % cfg["log_every"] == 0 or trainer.step == cfg["steps"]):
             for k, v in vals.items():
                 writer.add_scalar(f"train/{k}", v, trainer.step)
-        if trainer.step % val_every == 0 or trainer.step == cfg["steps"]:
+        if main_rank and (trainer.step % val_every == 0 or trainer.step == cfg["steps"]):
             res = evaluate(trainer.wrapper, acdc_dir, "val", cfg["size"], trainer.device, which=cfg["eval_model"],
                            limit=cfg["val_volumes"], full=False, amp_dtype=trainer.amp)
             dice = res["mean"]["dice"]
@@ -403,10 +442,15 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
                             "val_dice": dice}, run_dir / "best.pt")
             bar.write(f"step {trainer.step}: val Dice {100 * dice:.2f} ({res['num_volumes']} volumes), "
                       f"best {100 * trainer.best['val_dice']:.2f} at step {trainer.best['step']}")
+        if trainer.step % val_every == 0 or trainer.step == cfg["steps"]:
+            _dist.barrier()  # the other ranks wait for rank 0's validation
         if trainer.step % cfg["ckpt_every"] == 0 or trainer.step in (last, cfg["steps"]):
             trainer.save("last.pt")
     bar.close()
     train_seconds = time.time() - t_train
+    _dist.barrier()  # last.pt is written before any rank returns
+    if not main_rank:  # rank 0 alone tests and writes metrics.json
+        return {"stopped_at": trainer.step} if trainer.step < cfg["steps"] else {}
     writer.flush()
     if trainer.step < cfg["steps"]:
         writer.close()
@@ -445,6 +489,8 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         "wall_seconds": round(time.time() - t_start, 1),
         "device": str(trainer.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "resumed_from": str(ckpt_path) if ckpt_path else None,
+        **({"world_size": _dist.world_size(),
+            "per_rank_batch": [trainer.lbs, cfg["unlabeled_bs"] // _dist.world_size()]} if _dist.is_dist() else {}),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"run folder: {run_dir} (metrics.json, config.json, best.pt, last.pt, tb/, test_predictions.png)")
@@ -455,7 +501,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = make_config(args)
     run_dir = args.output_dir or default_output_dir(cfg)
-    return run(cfg, Path(run_dir), resume=args.resume, stop_at=args.stop_at, plot=not args.no_plot)
+    if _dist.launched():  # torchrun: one process per rank (device cuda:LOCAL_RANK or cpu)
+        cfg["device"] = str(_dist.setup(cfg["device"]))
+        cfg["world_size"] = _dist.world_size()
+    try:
+        return run(cfg, Path(run_dir), resume=args.resume, stop_at=args.stop_at, plot=not args.no_plot)
+    finally:
+        _dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -244,15 +244,26 @@ class TwoStreamBatchSampler(Sampler):
     batch ``t`` is a pure function of ``(seed, t)``: ``start_step`` resumes exactly.
     Every element is an ``(index, aug_seed)`` pair for :class:`ACDCSlices`.
     ``secondary_bs = 0`` gives labeled-only batches (the supervised baseline).
+
+    Distributed (``world_size > 1``): ``primary_bs`` and ``secondary_bs`` are the *global*
+    batch sizes; rank ``r`` gets the ``r``-th contiguous block of each stream's part of
+    the batch (``primary_bs // world_size`` labeled, then ``secondary_bs // world_size``
+    unlabeled items), like ``DistributedSampler`` does with one stream. The union over the
+    ranks is the single-process batch, augmentation seeds included (each position in a
+    stream has its own seed, so the ranks augment differently).
     """
 
     def __init__(self, primary: Sequence[int], secondary: Sequence[int], primary_bs: int, secondary_bs: int,
-                 num_steps: int, seed: int = 0, start_step: int = 0) -> None:
+                 num_steps: int, seed: int = 0, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if primary_bs < 1 or len(primary) == 0:
             raise ValueError("TwoStreamBatchSampler: the labeled stream needs indices and a batch size >= 1")
         if secondary_bs > 0 and len(secondary) == 0:
             raise ValueError("TwoStreamBatchSampler: no unlabeled indices for an unlabeled batch size > 0")
+        if primary_bs % world_size or secondary_bs % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"TwoStreamBatchSampler: the batch sizes ({primary_bs}, {secondary_bs}) must be "
+                             f"multiples of world_size = {world_size} (rank {rank})")
         self.streams = [(np.asarray(primary), primary_bs, 0), (np.asarray(secondary), secondary_bs, 1)]
+        self.rank, self.world_size = int(rank), int(world_size)
         self.num_steps = int(num_steps)
         self.seed = int(seed)
         self.start_step = int(start_step)
@@ -270,7 +281,8 @@ class TwoStreamBatchSampler(Sampler):
         out = []
         for ids, bs, sid in self.streams:
             n = len(ids)
-            for j in range(bs):
+            per = bs // self.world_size  # this rank's block of the stream's global batch
+            for j in range(self.rank * per, (self.rank + 1) * per):
                 pos = step * bs + j
                 idx = int(ids[self._perm(sid, pos // n, n)[pos % n]])
                 aug_seed = int(np.random.default_rng([self.seed, 7919, sid, pos]).integers(2**31))

@@ -38,6 +38,18 @@ Examples::
     python examples/synapse_cps_dacl.py --preset quick --method cps --labeled 4 --seed 0
     python examples/synapse_cps_dacl.py --preset paper --dataset btcv --labeled 4 \\
         --dataset-dir /data/Synapse/RawData/Training --device cuda --amp
+    torchrun --standalone --nproc_per_node=2 examples/synapse_cps_dacl.py --preset paper --amp  # DDP, 2 GPUs
+
+Distributed (``torchrun --nproc_per_node=N``, see docs/distributed.rst): the preset's batch
+sizes are the *global* batch; each rank draws ``batch_labeled / N`` labeled and
+``batch_unlabeled / N`` unlabeled patches (multiples of N are required: the smoke preset's
+1 + 1 needs ``--batch-labeled 2 --batch-unlabeled 2`` on 2 ranks). Patch samplers and DACL
+sampling are seeded per rank (``seed + rank``); the model initialisation is the same on all
+ranks. DDP wraps the networks, DACL gathers its samples over the ranks
+(``gather_distributed=True``), BatchNorm (of the projection heads; the U-Nets use
+InstanceNorm) becomes SyncBatchNorm on CUDA only (torch has no CPU SyncBatchNorm). Rank 0
+alone logs, saves checkpoints and evaluates; the other ranks wait. ``--resume`` loads
+``last.pt`` on every rank (each rank continues its own sampler and random state).
 
 Outputs (``--out``, default ``runs/synapse/<dataset>_<preset>_<method>_l<labeled>_s<seed>``):
 ``metrics.json``, ``last.pt`` / ``best.pt`` (resume with ``--resume``), ``tb/`` (TensorBoard),
@@ -54,7 +66,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 # OpenMP threads that spin while waiting make a CPU shared with other jobs crawl; this must be
 # set before torch loads its OpenMP runtime (same choice as the ACDC example).
@@ -70,6 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import _dist  # noqa: E402
 import synapse_data as sd  # noqa: E402
 from torch_dacl import CoTrainingWrapper, GaussianRampUp, SoftDensityContrastiveLoss  # noqa: E402
 from torch_dacl.functional import gaussian_rampup  # noqa: E402
@@ -112,7 +125,8 @@ SPLIT_FILES = {"chaos": "chaos_t2", "btcv": "synapse_dhc", "dhc_npy": "synapse_d
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Distributed" + __doc__.split("\nDistributed", 1)[1].split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     p.add_argument("--method", choices=("sup", "cps", "dacl"), default="dacl")
     p.add_argument("--dataset", choices=sorted(DATASET_DIRS), default="chaos")
@@ -141,8 +155,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int)
     p.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--features", type=int, nargs="+")
-    p.add_argument("--batch-labeled", type=int)
-    p.add_argument("--batch-unlabeled", type=int)
+    p.add_argument("--batch-labeled", type=int, help="labeled patches per step; under torchrun the global batch, "
+                                                     "split over the ranks")
+    p.add_argument("--batch-unlabeled", type=int, help="unlabeled patches per step; under torchrun the global batch, "
+                                                       "split over the ranks")
     p.add_argument("--embed-dim", type=int)
     p.add_argument("--max-val-cases", type=int)
     p.add_argument("--max-test-cases", type=int)
@@ -337,9 +353,23 @@ def save_overlay_png(path: Path, vol: sd.Volume, pred: np.ndarray, classes: Sequ
 
 
 # ----------------------------------------------------------------------------- training
-class _LogitsOnly:
-    def __init__(self, logits_a, logits_b):
-        self.logits_a, self.logits_b = logits_a, logits_b
+class _LogitsOnly(NamedTuple):  # a tuple, so that DDP finds the output tensors
+    logits_a: torch.Tensor
+    logits_b: torch.Tensor
+
+
+class _LogitsPair(nn.Module):
+    """The two networks without the projection heads (sup / cps), as one module for DDP."""
+
+    def __init__(self, wrapper: CoTrainingWrapper) -> None:
+        super().__init__()
+        self.model_a, self.model_b = wrapper.model_a, wrapper.model_b
+        self._features = wrapper._features
+
+    def forward(self, x: torch.Tensor) -> _LogitsOnly:
+        out = _LogitsOnly(self.model_a(x), self.model_b(x))
+        self._features.clear()  # the wrapper's hook fired; nothing reads the features
+        return out
 
 
 def set_seed(seed: int) -> None:
@@ -355,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if _dist.launched():  # torchrun: one process per rank (cuda:LOCAL_RANK or cpu, gloo)
+        device = _dist.setup(args.device)
+    main_rank = _dist.is_main()
+    # per-rank batch: the preset's batch is the global one (unchanged in one process)
+    bl = _dist.split_batch(cfg["batch_labeled"], "--batch-labeled")
+    bu = _dist.split_batch(cfg["batch_unlabeled"], "--batch-unlabeled") if args.method != "sup" else 0
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     set_seed(args.seed)
 
@@ -388,11 +424,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     mem_fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     wrapper = wrapper.to(memory_format=mem_fmt)
     wrapper.example_memory_format = mem_fmt
+    # DDP (no-op in one process); find_unused_parameters: PlainConvUNet without deep supervision
+    # never uses the segmentation layers of its lower decoder stages, and dacl skips the DACL
+    # call (so the heads are unused) while lambda_CL = 0; sup / cps train the nets only
+    net = _dist.wrap_ddp(wrapper if args.method == "dacl" else _LogitsPair(wrapper), device,
+                         find_unused_parameters=True)
+    if _dist.is_dist():  # data, augmentation and DACL sampling differ per rank
+        set_seed(_dist.rank_seed(args.seed))
+        if channels_last:  # DDP's note on the 1x1x1 kernels, whose strides differ in size-1 dims only
+            import warnings
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     dacl_kw = dict(num_classes=num_classes, dim=cfg["embed_dim"], temperature=args.temperature, ks=(8, 16, 32),
                    num_anchors=cfg["num_anchors"], num_positives=cfg["num_positives"],
                    num_negatives=cfg["num_negatives"], bank_size=cfg["bank_size"], bank_source=args.bank_source,
                    weighting="paper", max_samples_per_class=cfg["max_samples_per_class"], ignore_index=-100,
-                   validate=False)
+                   validate=False, gather_distributed=_dist.is_dist())
     dacl_a = SoftDensityContrastiveLoss(**dacl_kw).to(device)
     dacl_b = SoftDensityContrastiveLoss(**dacl_kw).to(device)
     iters = cfg["iterations"]
@@ -402,8 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         params += list(wrapper.head_a.parameters()) + list(wrapper.head_b.parameters())
     opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=1e-4, nesterov=True)
     scaler = torch.amp.GradScaler("cuda", enabled=(amp_dtype == torch.float16))
-    lab_sampler = sd.PatchSampler(lab_vols, cfg["patch"], seed=args.seed)
-    unl_sampler = sd.PatchSampler(unl_vols, cfg["patch"], seed=args.seed + 1000) if unl_vols else None
+    lab_sampler = sd.PatchSampler(lab_vols, cfg["patch"], seed=_dist.rank_seed(args.seed))
+    unl_sampler = sd.PatchSampler(unl_vols, cfg["patch"], seed=_dist.rank_seed(args.seed) + 1000) if unl_vols else None
 
     start_it, best, history = 0, {"dice": -1.0, "iteration": -1}, []
     ckpt_last, ckpt_best = out / "last.pt", out / "best.pt"
@@ -419,29 +465,51 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             unl_sampler.load_state_dict(st["unl_sampler"])
         torch.set_rng_state(st["torch_rng"])
         start_it, best, history = st["iteration"], st["best"], st["history"]
-        print(f"resumed from {ckpt_last} at iteration {start_it}")
+        if _dist.is_dist():  # every rank continues its own streams
+            ranks = st.get("ranks") or []
+            if len(ranks) == _dist.world_size():
+                own = ranks[_dist.rank()]
+                lab_sampler.load_state_dict(own["lab_sampler"])
+                if unl_sampler is not None and own.get("unl_sampler"):
+                    unl_sampler.load_state_dict(own["unl_sampler"])
+                torch.set_rng_state(own["torch_rng"])
+            else:
+                print(f"warning: {ckpt_last} holds the random state of {len(ranks) or 1} rank(s), not "
+                      f"{_dist.world_size()}: re-seeding per rank (not a bit-exact continuation)", flush=True)
+                rs = [_dist.rank_seed(args.seed), start_it]
+                lab_sampler.rng = np.random.default_rng(rs)
+                if unl_sampler is not None:
+                    unl_sampler.rng = np.random.default_rng(rs + [1000])
+                torch.manual_seed(_dist.rank_seed(args.seed) + 7919 * start_it)
+        if main_rank:
+            print(f"resumed from {ckpt_last} at iteration {start_it}")
+
+    rank_states = None  # under DDP: every rank's sampler and random states, gathered at checkpoints
 
     def checkpoint(it: int) -> dict:
-        return {"wrapper": wrapper.state_dict(), "optimizer": opt.state_dict(), "dacl_a": dacl_a.state_dict(),
+        return {**({"ranks": rank_states} if rank_states else {}),
+                "wrapper": wrapper.state_dict(), "optimizer": opt.state_dict(), "dacl_a": dacl_a.state_dict(),
                 "dacl_b": dacl_b.state_dict(), "ramp": ramp.state_dict(), "lab_sampler": lab_sampler.state_dict(),
                 "unl_sampler": unl_sampler.state_dict() if unl_sampler else None, "torch_rng": torch.get_rng_state(),
                 "iteration": it, "best": best, "history": history, "config": cfg, "args": _jsonable(vars(args))}
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "tb"))
+    writer = SummaryWriter(str(out / "tb")) if main_rank else _dist.NullWriter()
     try:
         from tqdm import tqdm
-        bar = tqdm(range(start_it, iters), initial=start_it, total=iters, disable=args.no_progress,
+        bar = tqdm(range(start_it, iters), initial=start_it, total=iters, disable=args.no_progress or not main_rank,
                    desc=f"{args.method} {args.preset}", dynamic_ncols=True)
     except ImportError:  # pragma: no cover
         bar = range(start_it, iters)
-    bl, bu = cfg["batch_labeled"], cfg["batch_unlabeled"]
     strides, kernels = sd.plan_unet(cfg["patch"], spacing, cfg["n_stages"])
-    print(f"{run_name}: {len(lab_vols)} labeled / {len(unl_vols)} unlabeled / {len(val_vols)} val volumes "
-          f"(shape of the first {lab_vols[0].image.shape}), patch {cfg['patch']}, batch {bl}+{bu if unl_vols else 0}, "
-          f"{iters} iterations, PlainConvUNet {list(cfg['features'])} strides {strides[1:]}, "
-          f"{sum(p.numel() for p in model_a.parameters())} parameters per model, device {device}, out {out}",
-          flush=True)
+    ddp_note = f" on {_dist.world_size()} ranks ({bl}+{bu if unl_vols else 0} per rank)" if _dist.is_dist() else ""
+    if main_rank:
+        print(f"{run_name}: {len(lab_vols)} labeled / {len(unl_vols)} unlabeled / {len(val_vols)} val volumes "
+              f"(shape of the first {lab_vols[0].image.shape}), patch {cfg['patch']}, "
+              f"batch {cfg['batch_labeled']}+{cfg['batch_unlabeled'] if unl_vols else 0}{ddp_note}, "
+              f"{iters} iterations, PlainConvUNet {list(cfg['features'])} strides {strides[1:]}, "
+              f"{sum(p.numel() for p in model_a.parameters())} parameters per model, device {device}, out {out}",
+              flush=True)
     t_train = time.time()
     val_s = 0.0
     wrapper.train()
@@ -459,11 +527,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         x = x.contiguous(memory_format=mem_fmt)
         logs = {}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if args.method == "dacl":
-                o = wrapper(x)
-            else:  # no projection heads needed: skip their cost
-                o = _LogitsOnly(wrapper.model_a(x), wrapper.model_b(x))
-                wrapper._features.clear()
+            # dacl: the wrapper; sup / cps: the two networks only (no projection heads: skip
+            # their cost); either DDP-wrapped under torchrun
+            o = net(x)
         loss_sup = sup_loss(o.logits_a[:bl], yl, num_classes) + sup_loss(o.logits_b[:bl], yl, num_classes)
         loss = loss_sup
         logs["sup"] = loss_sup.item()
@@ -498,13 +564,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         scaler.update()
         ramp.step()
         logs["loss"] = loss.item()
+        logs = _dist.mean_scalars(logs)  # averaged over the ranks (unchanged in one process)
         step = it + 1
         for k, v in logs.items():
             writer.add_scalar(f"train/{k}", v, step)
         writer.add_scalar("train/lr", lr, step)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if not k.startswith("lambda")})
-        if step % cfg["val_every"] == 0 or step == iters:
+        if (step % cfg["val_every"] == 0 or step == iters) and _dist.is_dist():
+            rank_states = _dist.gather_objects({
+                "lab_sampler": lab_sampler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "unl_sampler": unl_sampler.state_dict() if unl_sampler else None})
+        if main_rank and (step % cfg["val_every"] == 0 or step == iters):  # rank 0 validates and saves
             t_val = time.time()
             per_case, _ = evaluate(wrapper, val_vols, cfg, classes, device, amp_dtype, cfg["val_overlap"],
                                    full_metrics=False)
@@ -522,9 +593,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             else:
                 print(msg, flush=True)
             val_s += time.time() - t_val
+        if step % cfg["val_every"] == 0 or step == iters:
+            _dist.barrier()  # the other ranks wait for rank 0
     train_s = time.time() - t_train
     if hasattr(bar, "close"):
         bar.close()
+    if not main_rank:  # rank 0 alone tests and writes metrics.json
+        return {}
 
     # ------------------------------------------------------------------ test with the best model
     t1 = time.time()
@@ -565,6 +640,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "wall_time_s": {"total": time.time() - t_start, "load": load_s, "train_and_val": train_s, "validation": val_s,
                         "test": test_s, "per_iteration": (train_s - val_s) / max(1, iters - start_it)},
         "command": " ".join([sys.executable, *sys.argv]) if argv is None else "main(" + repr(list(argv)) + ")",
+        **({"world_size": _dist.world_size(), "per_rank_batch": [bl, bu]} if _dist.is_dist() else {}),
         "png": str(png),
     }
     with open(out / "metrics.json", "w") as f:
@@ -586,4 +662,7 @@ def _jsonable(d):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        _dist.cleanup()
