@@ -224,6 +224,14 @@ def test_cotraining_wrapper_any_module(spatial_dims):
     assert w.head_a.net[0].weight.grad is not None and w.model_b[0].weight.grad is not None
 
 
+def test_cotraining_wrapper_keeps_nothing_when_a_model_runs_alone():
+    w = CoTrainingWrapper(_net(), _net(), feature_layer="1", feature_channels=6, embed_dim=8)
+    w.model_a(torch.randn(1, 1, 8, 8))  # inference with one model: the hook must not hold its features
+    assert w._features == {}
+    w(torch.randn(1, 1, 8, 8))
+    assert w._features == {}
+
+
 def test_cotraining_wrapper_bad_layer():
     with pytest.raises(ValueError, match="feature_layer: expected the name of a submodule"):
         CoTrainingWrapper(_net(), _net(), feature_layer="decoder", feature_channels=6)

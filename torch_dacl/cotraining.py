@@ -107,6 +107,7 @@ class CoTrainingWrapper(nn.Module):
         self.head_a = ProjectionHead(feature_channels, embed_dim, hidden_dim, spatial_dims)
         self.head_b = ProjectionHead(feature_channels, embed_dim, hidden_dim, spatial_dims)
         self._features: dict = {}
+        self._capturing = False  # the hooks keep features only during this wrapper's forward
         for key, model in (("a", model_a), ("b", model_b)):
             try:
                 layer = model.get_submodule(feature_layer)
@@ -118,6 +119,8 @@ class CoTrainingWrapper(nn.Module):
 
     def _hook(self, key: str):
         def hook(module, inputs, output):
+            if not self._capturing:  # e.g. model_a(x) called alone at inference
+                return
             if isinstance(output, (tuple, list)):
                 output = output[-1]
             self._features[key] = output
@@ -133,10 +136,15 @@ class CoTrainingWrapper(nn.Module):
         return head(f)
 
     def forward(self, x: torch.Tensor) -> CoTrainingOutput:
-        logits_a = self.model_a(x)
-        emb_a = self._embed("a", self.head_a)
-        logits_b = self.model_b(x)
-        emb_b = self._embed("b", self.head_b)
+        self._capturing = True
+        try:
+            logits_a = self.model_a(x)
+            emb_a = self._embed("a", self.head_a)
+            logits_b = self.model_b(x)
+            emb_b = self._embed("b", self.head_b)
+        finally:
+            self._capturing = False
+            self._features.clear()
         return CoTrainingOutput(logits_a, logits_b, emb_a, emb_b)
 
     @staticmethod
