@@ -292,10 +292,8 @@ def predict_volume(wrapper: CoTrainingWrapper, vol: sd.Volume, cfg: dict, num_cl
     def predict(x):
         x = x.contiguous(memory_format=getattr(wrapper, "example_memory_format", torch.contiguous_format))
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            la = wrapper.model_a(x)
-            wrapper._features.clear()
+            la = wrapper.model_a(x)  # the wrapper's hooks keep nothing when a model runs alone
             lb = wrapper.model_b(x)
-            wrapper._features.clear()
         return torch.log((torch.softmax(la.float(), 1) + torch.softmax(lb.float(), 1)) / 2 + 1e-8)
 
     image = torch.from_numpy(vol.image).to(device)
@@ -364,12 +362,10 @@ class _LogitsPair(nn.Module):
     def __init__(self, wrapper: CoTrainingWrapper) -> None:
         super().__init__()
         self.model_a, self.model_b = wrapper.model_a, wrapper.model_b
-        self._features = wrapper._features
 
     def forward(self, x: torch.Tensor) -> _LogitsOnly:
-        out = _LogitsOnly(self.model_a(x), self.model_b(x))
-        self._features.clear()  # the wrapper's hook fired; nothing reads the features
-        return out
+        # the wrapper's hooks keep nothing when the models run outside its forward
+        return _LogitsOnly(self.model_a(x), self.model_b(x))
 
 
 def set_seed(seed: int) -> None:
