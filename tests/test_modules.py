@@ -108,6 +108,22 @@ def test_every_option_runs_in_2d_and_3d(spatial, opts):
     assert loss_fn.bank.is_empty() == (not loss_fn.use_bank)
 
 
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d])
+def test_channels_last_embeddings_give_the_same_loss_and_gradient(fmt):
+    spatial = (4, 4) if fmt is torch.channels_last else (2, 4, 4)
+    kw = dict(max_samples_per_class=64, num_anchors=64, num_positives=64, num_negatives=64)
+    emb = torch.randn((2, 8) + spatial)
+    lab = torch.randint(0, 3, (2,) + spatial)
+    e1 = emb.clone().requires_grad_()
+    e2 = emb.clone().contiguous(memory_format=fmt).requires_grad_()
+    assert not e2.is_contiguous()
+    l1, l2 = small(**kw)(e1, lab), small(**kw)(e2, lab)
+    torch.testing.assert_close(l1, l2)
+    l1.backward()
+    l2.backward()
+    torch.testing.assert_close(e1.grad, e2.grad)
+
+
 def test_density_sampling_picks_the_lowest_density_anchors():
     loss_fn = small(num_anchors=3, max_samples_per_class=64, use_bank=False)
     out = loss_fn(torch.randn(2, 8, 4, 4), torch.randint(0, 3, (2, 4, 4)), return_details=True)

@@ -265,14 +265,16 @@ class SoftDensityContrastiveLoss(nn.Module):
         n, d = embeddings.shape[:2]
         c = self.num_classes
         dev = embeddings.device
-        emb = embeddings.reshape(n, d, -1)  # a view for contiguous input
-        p = emb.shape[-1]
+        p = labels[0].numel()
 
         # 1. sample pixels per class, gather only those (no copy of the whole tensor)
         flat = labels.reshape(-1)
         valid_pix = None if self.ignore_index is None else flat != self.ignore_index
         idx, svalid = DF.group_by_label(flat, c, self.max_samples_per_class, valid=valid_pix, shuffle=True)
-        feats = emb[idx // p, :, idx % p]  # (C, S, D), gradient flows
+        if embeddings.is_contiguous():  # (N, D, P) is a view
+            feats = embeddings.reshape(n, d, p)[idx // p, :, idx % p]  # (C, S, D), gradient flows
+        else:  # channels-last: (N, P, D) is the view; any other layout pays one copy here
+            feats = embeddings.movedim(1, -1).reshape(n, p, d)[idx // p, idx % p]
         # distributed: every rank gathers the sampled features of all ranks (rank-major along
         # S) and draws its random choices from a generator seeded alike on all ranks, so all
         # ranks compute the same loss on the global batch and push the same bank entries
