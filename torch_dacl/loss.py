@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -265,7 +266,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         n, d = embeddings.shape[:2]
         c = self.num_classes
         dev = embeddings.device
-        p = labels[0].numel()
+        p = math.prod(embeddings.shape[2:])
 
         # 1. sample pixels per class, gather only those (no copy of the whole tensor)
         flat = labels.reshape(-1)
