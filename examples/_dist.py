@@ -23,6 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# the library's own no-op-without-a-group helpers; not written again here
+from torch_dacl.distributed import is_distributed as is_dist
+from torch_dacl.distributed import rank, world_size
+
 __all__ = ["launched", "setup", "cleanup", "is_dist", "rank", "world_size", "is_main", "barrier",
            "rank_seed", "split_batch", "wrap_ddp", "unwrap", "mean_scalars", "gather_objects", "NullWriter"]
 
@@ -60,18 +64,6 @@ def setup(device: Optional[str] = None) -> torch.device:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
 
 
 def is_main() -> bool:

@@ -548,7 +548,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 lab_a[:bl] = yl
                 lab_b[:bl] = yl
             if lam > 0:
-                l_cl = dacl_a(o.embeddings_a.float(), lab_a) + dacl_b(o.embeddings_b.float(), lab_b)
+                # any float dtype: the loss gathers the sampled voxels and upcasts only those
+                l_cl = dacl_a(o.embeddings_a, lab_a) + dacl_b(o.embeddings_b, lab_b)
                 loss = loss + lam * l_cl
                 logs["cl"] = l_cl.item()
             else:

@@ -163,7 +163,3 @@ class ClassMemoryBank(nn.Module):
         added = counts[:c].clamp_max(size)
         self.ptr.copy_((self.ptr + added) % size)
         self.count.copy_((self.count + added).clamp_max(size))
-
-    def forward(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - convenience
-        """Return ``(bank (C, L, D), bank_density (C, L), valid (C, L))``."""
-        return self.bank, self.bank_density, self.valid
