@@ -16,7 +16,7 @@ unlabeled half model b's argmax where its softmax confidence exceeds ``--phi``, 
 Examples::
 
     python examples/acdc_cps_dacl.py --preset smoke                 # ~1 min on 2 CPU cores
-    python examples/acdc_cps_dacl.py --preset quick --method cps    # ~15 min on 2 CPU cores
+    python examples/acdc_cps_dacl.py --preset quick --method cps    # 882 s measured on 2 shared CPU cores
     python examples/acdc_cps_dacl.py --preset paper --device cuda   # the paper's protocol
     torchrun --standalone --nproc_per_node=4 examples/acdc_cps_dacl.py --preset paper  # DDP, 4 GPUs
     # Table 2 (ablation) rows, on top of CPS:

@@ -28,8 +28,8 @@ Datasets (``--dataset``):
   ``examples/splits/synapse_dhc.json`` (20 train with 2 / 4 labeled, 4 val, 6 test).
 * ``dhc_npy``: DHC's preprocessed ``npy/XXXX_image.npy`` layout, same split.
 
-Presets: ``smoke`` (about a minute on a 2-core CPU, for CI), ``quick`` (about 20 minutes on
-that CPU), ``paper`` (the DHC protocol: patch 64x128x128, 2 + 2 patches, 30k iterations; a
+Presets: ``smoke`` (12 s measured on a 2-core CPU, for CI), ``quick`` (13-25 minutes measured
+on that CPU, shared with other jobs), ``paper`` (the DHC protocol: patch 64x128x128, 2 + 2 patches, 30k iterations; a
 GPU). Every preset value can be overridden on the command line.
 
 Examples::
