@@ -77,6 +77,36 @@ def test_knn_density_grouped_chunking_is_exact():
     assert torch.all(full[~valid] == -1)
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 500])
+def test_knn_density_padded_topk_path_matches_reference(chunk_elements):
+    # ks max 4 -> CPU top-k switches to a heap at 256 columns; 100 queries + a bank of 120 make
+    # 220 keys, inside the padded range, so the -inf padding columns are exercised
+    assert DF._topk_padding(220, 4, torch.device("cpu")) == 36
+    assert DF._topk_padding(100, 4, torch.device("cpu")) == 0  # far below: no padding
+    assert DF._topk_padding(220, 4, torch.device("meta")) == 0  # only CPU is padded
+    g = torch.Generator().manual_seed(5)
+    c, s, L, d = 3, 100, 120, 6
+    feats, _ = _clustered(c * s, d, c, g)
+    labels = torch.arange(c).repeat_interleave(s)  # exactly s queries per class
+    bank = torch.randn(c, L, d, generator=g)
+    bank_valid = torch.rand(c, L, generator=g) > 0.4
+    dens = DF.knn_density(feats, labels, (1, 2, 4), bank, bank_valid)
+    ref = naive_knn_density(feats, labels, (1, 2, 4), bank, bank_valid)
+    torch.testing.assert_close(dens.double(), ref, atol=1e-5, rtol=1e-5)
+    grouped = DF.knn_density_grouped(feats.view(c, s, d), torch.ones(c, s, dtype=torch.bool), (1, 2, 4), bank,
+                                     bank_valid, chunk_elements=chunk_elements)
+    torch.testing.assert_close(grouped.flatten().double(), ref, atol=1e-5, rtol=1e-5)
+    # two opposite queries and no bank: each one's only neighbour has similarity -1, so a
+    # padding column that leaked into the top-k (similarity 0) would show as -0.x here
+    x = feats.view(c, s, d).clone()
+    x[2, 0], x[2, 1] = torch.ones(d), -torch.ones(d)
+    valid = torch.ones(c, s, dtype=torch.bool)
+    valid[2, 2:] = False
+    bank_valid[2] = False
+    dens = DF.knn_density_grouped(x, valid, (1, 2, 4), bank, bank_valid, chunk_elements=chunk_elements)
+    torch.testing.assert_close(dens[2, :2], torch.tensor([-1.0, -1.0]))
+
+
 @pytest.mark.parametrize("weighting", ["paper", "scale", "none"])
 @pytest.mark.parametrize("gamma", [None, 0.5])
 @pytest.mark.parametrize("include_positive", [False, True])
