@@ -107,12 +107,34 @@ def collect(args) -> Dict:
                              test_volumes=found[0]["test"]["num_volumes"],
                              metrics={m: {"mean": v[0], "std": v[1]} for m, v in agg.items()},
                              dice_per_class={c: {"mean": v[0], "std": v[1]} for c, v in per_class.items()},
+                             dice_per_seed={str(r["seed"]): r["test"]["mean"]["dice"] * 100 for r in found},
                              best_val_dice=[r["best_val_dice"] for r in found],
                              wall_seconds=[r["wall_seconds"] for r in found],
                              paper_table1=PAPER_T1.get(patients, {}).get(variant),
                              paper_table2_dice=PAPER_T2.get(variant) if patients == 7 else None))
     return dict(preset=args.preset, protocol="DESIGN.md section 4, reduced by the preset (see config.json of each run)",
-                command="python benchmarks/acdc_table.py " + " ".join(sys.argv[1:]), rows=rows)
+                command="python benchmarks/acdc_table.py " + " ".join(sys.argv[1:]), rows=rows,
+                paired=paired_differences(rows))
+
+
+def paired_differences(rows: List[Dict]) -> List[Dict]:
+    """Test Dice of DACL minus CPS (and CPS minus supervised), paired by seed: the seeds share
+    the split and the initialisation, so the paired difference is the fairer comparison."""
+    out = []
+    for patients in sorted({r["labeled_patients"] for r in rows}, reverse=True):
+        by = {r["variant"]: r["dice_per_seed"] for r in rows if r["labeled_patients"] == patients}
+        for a, b, paper in (("dacl", "cps", PAPER_T1.get(patients, {})), ("cps", "sup", PAPER_T1.get(patients, {}))):
+            if a not in by or b not in by:
+                continue
+            seeds = sorted(set(by[a]) & set(by[b]), key=int)
+            if not seeds:
+                continue
+            diffs = [by[a][s] - by[b][s] for s in seeds]
+            m, sd = _mean_std(diffs)
+            paper_diff = paper[a][0] - paper[b][0] if a in paper and b in paper else None
+            out.append(dict(labeled_patients=patients, a=a, b=b, seeds=[int(s) for s in seeds], diffs=diffs,
+                            mean=m, std=sd, wins=sum(d > 0 for d in diffs), paper=paper_diff))
+    return out
 
 
 def write_markdown(result: Dict, path: Path) -> None:
@@ -145,6 +167,16 @@ def write_markdown(result: Dict, path: Path) -> None:
             lines.append(f"| {r['label']} | {n} | {r['test_volumes']} | {wall} | {pm(m['dice'], n)} | "
                          f"{pm(m['jaccard'], n)} | {pm(m['hd95'], n)} | {pm(m['asd'], n)} | {paper} |")
         lines.append("")
+        pairs = [d for d in result.get("paired", []) if d["labeled_patients"] == patients]
+        if pairs:
+            lines += ["Test Dice differences paired by seed (same split and initialisation):", ""]
+            for d in pairs:
+                per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d["seeds"], d["diffs"]))
+                paper = f"; the paper: {d['paper']:+.2f}" if d["paper"] is not None else ""
+                lines.append(f"- {LABELS[d['a']].split(' (')[0]} − {LABELS[d['b']].split(' (')[0]}: "
+                             f"{d['mean']:+.2f} ± {d['std']:.2f} ({per}; better in {d['wins']} of "
+                             f"{len(d['diffs'])}){paper}")
+            lines.append("")
     path.write_text("\n".join(lines))
 
 

@@ -47,3 +47,21 @@ def test_doctest_examples_pass(tmp_path):
     assert "0 failures in tests" in text
     # the docstring examples of the API pages ran, not only the pages' own blocks
     assert "Document: api/functional" in text
+
+
+def test_results_markdown_renders_tables_and_bullets(tmp_path):
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        import dacl_docs
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    from docutils import nodes
+
+    md = tmp_path / "r.md"
+    md.write_text("# Title\n\nsome text\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- first: +1.00\n- second: -2.00\n\nafter\n")
+    out = dacl_docs.render_markdown(md, tmp_path)
+    kinds = [type(n).__name__ for n in out]
+    assert kinds == ["rubric", "paragraph", "table", "bullet_list", "paragraph"], kinds
+    bullets = out[3]
+    assert [li.astext() for li in bullets.children] == ["first: +1.00", "second: -2.00"]
+    assert isinstance(out[2], nodes.table)

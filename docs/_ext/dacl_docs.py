@@ -239,6 +239,14 @@ def render_markdown(path: Path, docdir: Path) -> List[nodes.Node]:
         elif line.lstrip().startswith("#"):
             flush()
             out.append(nodes.rubric(text=line.lstrip("#").strip()))
+        elif line.lstrip().startswith("- "):  # a bullet list: consecutive "- " lines
+            flush()
+            bullets = nodes.bullet_list()
+            while i < len(lines) and lines[i].lstrip().startswith("- "):
+                bullets += nodes.list_item("", _para(lines[i].lstrip()[2:].strip()))
+                i += 1
+            out.append(bullets)
+            continue
         elif not line.strip():
             flush()
         else:
