@@ -207,6 +207,49 @@ def run_point(c: int, L: int, s: int, repeats: int, threads: int) -> Dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------- figure
+def write_scaling_figure(scaling: List[Dict], path: Path):
+    """Time and peak extra memory along each scaling axis (log-log), with a linear guide."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib comes with the examples extra; the JSON is the result
+        return None
+    axes_info = (("bank", "bank L per class", "bank"), ("classes", "classes C", "classes"),
+                 ("samples", "sampled pixels per class S", "samples"))
+    fig, axs = plt.subplots(2, 3, figsize=(12, 6.5))
+    for j, (axis, xlabel, key) in enumerate(axes_info):
+        pts = [r for r in scaling if r["axis"] == axis]
+        if not pts:
+            continue
+        x = [r[key] for r in pts]
+        for i, (metric, ylabel) in enumerate((("time_s", "forward + backward (s)"),
+                                               ("peak_extra_mb", "peak extra memory (MiB)"))):
+            ax = axs[i, j]
+            y = [max(r[metric], 1e-6) for r in pts]
+            ax.loglog(x, y, "o-", label="measured")
+            ax.loglog(x, [y[0] * xi / x[0] for xi in x], ":", color="grey", label="linear from the first point")
+            if axis == "samples" and metric == "time_s":
+                ax.loglog(x, [y[0] * (xi / x[0]) ** 2 for xi in x], "--", color="grey", label="quadratic")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            fixed = []  # the other two parameters, per point where they change along the axis
+            for other, sym in (("classes", "C"), ("bank", "L"), ("samples", "S")):
+                if other != key:
+                    vals = [r[other] for r in pts]
+                    fixed.append(f"{sym} = {vals[0]}" if len(set(vals)) == 1 else f"{sym}: " + ", ".join(map(str, vals)))
+            ax.set_title("; ".join(fixed), fontsize=8)
+            ax.legend(fontsize=7)
+    fig.suptitle("SoftDensityContrastiveLoss: scaling (benchmarks/loss_cost.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,6 +345,9 @@ def main() -> None:
     out = args.output or RESULTS / ("loss_cost_quick.json" if args.quick else "loss_cost.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    fig = write_scaling_figure(scaling, out.with_name(out.stem + "_scaling.png"))
+    if fig:
+        print(f"wrote {fig.relative_to(ROOT) if fig.is_relative_to(ROOT) else fig}")
     print(f"\nwrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} in {result['wall_s']:.0f} s")
 
 

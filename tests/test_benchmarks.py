@@ -23,3 +23,6 @@ def test_loss_cost_quick_writes_json(tmp_path):
     assert {r["axis"] for r in data["scaling"]} == {"bank", "classes", "samples"}
     assert all(r["peak_extra_mb"] >= 0 for r in data["scaling"])
     assert data["training_step"]["dacl_step_s"] > 0
+    pytest.importorskip("matplotlib")
+    fig = tmp_path / "cost_scaling.png"
+    assert fig.is_file() and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
