@@ -200,17 +200,27 @@ def write_figures(result: Dict, args) -> None:
             runs.append((variant, load_slices(d / "test_slices.npz")))
     if runs:
         render(runs, RESULTS / f"acdc_{args.preset}_overlays.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variant in VARIANTS:
-        d = run_dir(args.runs, args.preset, variant, patients, min(args.seeds))
-        if (d / "metrics.json").is_file():
-            hist = json.loads((d / "metrics.json").read_text()).get("val_history", [])
-            if hist:
-                ax.plot([h["step"] for h in hist], [100 * h["val_dice"] for h in hist], marker="o", label=variant)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for variant in VARIANTS:  # mean over the seeds found, band from the lowest to the highest seed
+        curves = []
+        for seed in sorted(set(args.seeds) | set(range(10))):
+            d = run_dir(args.runs, args.preset, variant, patients, seed)
+            if (d / "metrics.json").is_file():
+                hist = json.loads((d / "metrics.json").read_text()).get("val_history", [])
+                if hist:
+                    curves.append({h["step"]: 100 * h["val_dice"] for h in hist})
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ys = [[c[t] for c in curves] for t in steps]
+        line, = ax.plot(steps, [statistics.mean(y) for y in ys], marker="o",
+                        label=f"{variant} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation Dice (%)")
-    ax.set_title(f"ACDC {args.preset}, {patients} labeled patients, seed {min(args.seeds)}")
-    ax.legend()
+    ax.set_title(f"ACDC {args.preset}, {patients} labeled patients: mean over seeds, band = min-max", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"acdc_{args.preset}_val_curves.png", dpi=120)
 
