@@ -233,11 +233,10 @@ def _topk_padding(width: int, k: int, device: torch.device) -> int:
     ATen's CPU top-k selects with a heap (``std::partial_sort``) when ``64 * k <= n`` and with
     ``std::nth_element`` otherwise (``aten/src/ATen/native/TopKImpl.h``). Measured with torch
     2.14 on one thread (4096 rows, ``k = 32``): 41 ms at 2048 columns (heap) against 68-76 ms
-    at 1536-2027 columns (``nth_element``). DACL's default
-    key set (1024 sampled pixels + a bank of 1000) sits just below it for ``k = 32``, so on CPU
-    rows of at least three quarters of the switch width are padded up to it. The result is
-    unchanged: padded columns are masked to ``-inf`` and never counted as neighbours. Other
-    devices are never padded.
+    at 1536-2027 columns (``nth_element``). DACL's default key set (1024 sampled pixels + a
+    bank of 1000) sits just below the switch for ``k = 32``, so on CPU rows of at least three
+    quarters of the switch width are padded up to it. The result is unchanged: padded columns
+    are masked to ``-inf`` and never counted as neighbours. Other devices are never padded.
     """
     switch = 64 * k
     if device.type != "cpu" or k < 1 or width >= switch or 4 * width < 3 * switch:
