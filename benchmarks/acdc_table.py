@@ -123,7 +123,8 @@ def paired_differences(rows: List[Dict]) -> List[Dict]:
     out = []
     for patients in sorted({r["labeled_patients"] for r in rows}, reverse=True):
         by = {r["variant"]: r["dice_per_seed"] for r in rows if r["labeled_patients"] == patients}
-        for a, b, paper in (("dacl", "cps", PAPER_T1.get(patients, {})), ("cps", "sup", PAPER_T1.get(patients, {}))):
+        paper = PAPER_T1.get(patients, {})
+        for a, b in (("dacl", "cps"), ("cps", "sup")):
             if a not in by or b not in by:
                 continue
             seeds = sorted(set(by[a]) & set(by[b]), key=int)
