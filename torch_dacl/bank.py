@@ -53,7 +53,7 @@ class ClassMemoryBank(nn.Module):
     def __init__(self, num_classes: int, dim: int, size: int = 1000, gather_distributed: bool = False) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("dim", dim), ("size", size)):
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         self.num_classes = num_classes
         self.dim = dim
@@ -68,6 +68,21 @@ class ClassMemoryBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, size={self.size}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # name the constructor arguments, not the spare slot's buffer shape
+        feats = state_dict.get(prefix + "features")
+        if feats is not None and feats.dim() == 3:
+            got = (feats.shape[0], feats.shape[1] - 1, feats.shape[2])
+            want = (self.num_classes, self.size, self.dim)
+            if got != want:
+                raise ValueError(
+                    f"state_dict: the checkpoint's memory bank has num_classes={got[0]}, bank_size={got[1]}, "
+                    f"dim={got[2]}; this one was built with num_classes={want[0]}, bank_size={want[1]}, "
+                    f"dim={want[2]} (build it with the checkpoint's values)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def bank(self) -> torch.Tensor:

@@ -9,7 +9,36 @@ from torch import nn
 
 from . import functional as DF
 
-__all__ = ["CoTrainingWrapper", "CoTrainingOutput", "ProjectionHead"]
+__all__ = ["CoTrainingWrapper", "CoTrainingOutput", "ProjectionHead", "SegmentationWithEmbeddings", "scale_gradient"]
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``scale`` in the backward.
+
+    :class:`ProjectionHead` puts it on its input so that the projection head and the network
+    below it can learn from the DACL term at different rates (see
+    :class:`~torch_dacl.objective.DACLObjective`'s ``head_weight``).
+
+    Example:
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> scale_gradient(x, 0.5).sum().backward()
+        >>> x.grad.tolist()
+        [0.5, 0.5, 0.5]
+    """
+    if scale == 1.0:
+        return x
+    return _ScaleGradient.apply(x, float(scale))
 
 
 class CoTrainingOutput(NamedTuple):
@@ -53,11 +82,18 @@ class ProjectionHead(nn.Module):
         hidden = hidden_channels or max(in_channels, out_channels)
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
+        self.in_channels = in_channels
         self.net = nn.Sequential(conv(in_channels, hidden, 1), norm(hidden), nn.ReLU(inplace=True),
                                  conv(hidden, out_channels, 1))
+        #: multiplies the gradient that flows back through the head into the network below it
+        #: (1: plain backpropagation); set by :class:`~torch_dacl.objective.DACLObjective`
+        self.input_grad_scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if x.dim() < 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"ProjectionHead input: expected {self.in_channels} channels (in_channels) in shape "
+                             f"(N, {self.in_channels}, *spatial), got {tuple(x.shape)}")
+        return self.net(scale_gradient(x, self.input_grad_scale))
 
 
 class CoTrainingWrapper(nn.Module):
@@ -109,13 +145,7 @@ class CoTrainingWrapper(nn.Module):
         self._features: dict = {}
         self._capturing = False  # the hooks keep features only during this wrapper's forward
         for key, model in (("a", model_a), ("b", model_b)):
-            try:
-                layer = model.get_submodule(feature_layer)
-            except AttributeError as e:
-                names = [n for n, _ in model.named_children()]
-                raise ValueError(f"feature_layer: expected the name of a submodule of model_{key} "
-                                 f"(children: {names}), got {feature_layer!r}") from e
-            layer.register_forward_hook(self._hook(key))
+            _submodule(model, feature_layer, f"model_{key}").register_forward_hook(self._hook(key))
 
     def _hook(self, key: str):
         def hook(module, inputs, output):
@@ -126,13 +156,17 @@ class CoTrainingWrapper(nn.Module):
             self._features[key] = output
         return hook
 
-    def _embed(self, key: str, head: nn.Module) -> torch.Tensor:
+    def _embed(self, key: str, head: "ProjectionHead") -> torch.Tensor:
         f = self._features.pop(key, None)
         if f is None:
             raise RuntimeError(f"the hook on {self.feature_layer!r} of model_{key} did not fire during forward")
         if f.dim() != self.spatial_dims + 2:
             raise ValueError(f"feature_layer output: expected shape (N, C, *spatial) with {self.spatial_dims} "
                              f"spatial dims, got {tuple(f.shape)}")
+        if f.shape[1] != head.in_channels:
+            raise ValueError(f"feature_channels: the output of feature_layer {self.feature_layer!r} of model_{key} "
+                             f"has {f.shape[1]} channels (shape {tuple(f.shape)}), but feature_channels="
+                             f"{head.in_channels}; pass feature_channels={f.shape[1]}")
         return head(f)
 
     def forward(self, x: torch.Tensor) -> CoTrainingOutput:
@@ -152,3 +186,72 @@ class CoTrainingWrapper(nn.Module):
         """Cross pseudo supervision :math:`\\mathcal{L}_{cross}`, see
         :func:`torch_dacl.functional.cross_pseudo_supervision_loss`."""
         return DF.cross_pseudo_supervision_loss(logits_a, logits_b, mask)
+
+
+class SegmentationWithEmbeddings(nn.Module):
+    r"""One segmentation network and a projection head on one of its layers.
+
+    For loops that are not two identical models (a mean teacher, two different
+    architectures, a single model with pseudo labels): the features ``f`` are taken by a
+    forward hook on ``feature_layer`` and mapped to embeddings ``j = z(f)``; the forward
+    returns ``(logits, embeddings)``. The model itself is unchanged and can still be called
+    alone.
+
+    Args:
+        model: segmentation network returning logits ``(N, C, *S)``.
+        feature_layer: dotted name of the submodule whose output is ``f`` (a tuple/list
+            output takes its last element); ``[n for n, _ in model.named_modules()]`` lists them.
+        feature_channels: channels of ``f``; checked at the first forward.
+        embed_dim: embedding dimension ``D``.
+        hidden_dim: hidden width of the projection head.
+        spatial_dims: 2 or 3.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> model = SegmentationWithEmbeddings(net, feature_layer="1", feature_channels=8, embed_dim=16)
+        >>> logits, emb = model(torch.randn(2, 1, 32, 32))
+        >>> logits.shape, emb.shape
+        (torch.Size([2, 4, 32, 32]), torch.Size([2, 16, 32, 32]))
+    """
+
+    def __init__(self, model: nn.Module, feature_layer: str, feature_channels: int, embed_dim: int = 64,
+                 hidden_dim: Optional[int] = None, spatial_dims: int = 2) -> None:
+        super().__init__()
+        self.model = model
+        self.head = ProjectionHead(feature_channels, embed_dim, hidden_dim, spatial_dims)
+        self.feature_layer = feature_layer
+        self.spatial_dims = spatial_dims
+        self._feature: Optional[torch.Tensor] = None
+        self._capturing = False
+        _submodule(model, feature_layer, "model").register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self._capturing:
+            self._feature = output[-1] if isinstance(output, (tuple, list)) else output
+
+    def forward(self, x: torch.Tensor):
+        self._capturing = True
+        try:
+            logits = self.model(x)
+            f = self._feature
+        finally:
+            self._capturing = False
+            self._feature = None
+        if f is None:
+            raise RuntimeError(f"the hook on {self.feature_layer!r} did not fire during the model's forward")
+        if f.dim() != self.spatial_dims + 2 or f.shape[1] != self.head.in_channels:
+            raise ValueError(f"feature_channels: the output of feature_layer {self.feature_layer!r} has shape "
+                             f"{tuple(f.shape)}; expected (N, {self.head.in_channels}, *spatial) with "
+                             f"{self.spatial_dims} spatial dims (feature_channels={self.head.in_channels}, "
+                             f"spatial_dims={self.spatial_dims})")
+        return logits, self.head(f)
+
+
+def _submodule(model: nn.Module, name: str, arg: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        names = [n for n, _ in model.named_children()]
+        raise ValueError(f"feature_layer: expected the name of a submodule of {arg} "
+                         f"(children: {names}), got {name!r}") from e

@@ -42,6 +42,7 @@ __all__ = [
     "group_by_label",
     "sample_pixels_per_class",
     "cross_pseudo_supervision_loss",
+    "dacl_labels",
 ]
 
 _WEIGHTINGS = ("paper", "scale", "none")
@@ -587,6 +588,97 @@ def gaussian_rampup(step: float, total_steps: float, max_weight: float = 0.1, wa
         return 0.0
     t = min(float(step) / float(total_steps), 1.0)
     return float(max_weight) * math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+# ----------------------------------------------------------------------------- DACL labels
+PSEUDO_POLICIES = ("fixed", "class_fraction")
+
+
+def dacl_labels(
+    labels: torch.Tensor,
+    labeled: torch.Tensor,
+    logits_other: torch.Tensor,
+    policy: str = "fixed",
+    confidence: float = 0.95,
+    fraction: float = 0.5,
+    ignore_index: int = -100,
+    num_bins: int = 1000,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Labels for the DACL term of one model (the pseudo labels of Eq. 2's :math:`M_n`).
+
+    Ground truth on the labeled samples; on the unlabeled ones, the *other* model's argmax
+    where it is confident, else ``ignore_index``. The paper says only that unlabeled pixels
+    take pseudo labels (its :math:`M_n` are "ground truth or pseudo labels"); the policy
+    that decides "confident" is ours and an option:
+
+    - ``"fixed"``: softmax confidence ``> confidence`` (0.95).
+    - ``"class_fraction"``: also the most confident ``fraction`` of the pixels predicted as
+      each class in this batch, whatever their confidence. With a fixed threshold the small
+      foreground classes get no pseudo label at all early in training (the network is
+      confident on background first); this keeps every predicted class represented. The
+      per-class cut is taken on a ``num_bins``-bin confidence histogram (vectorised, no host
+      synchronisation; pixels tied in the cut's bin are all kept).
+
+    The confidence threshold is named apart from Eq. 2's :math:`\phi` (the prototype mask
+    threshold, ``threshold`` of :class:`~torch_dacl.SoftDensityContrastiveLoss`).
+
+    Args:
+        labels: ``(N, *S)`` integer ground truth; rows of unlabeled samples are not read.
+        labeled: ``(N,)`` bool, which samples are labeled.
+        logits_other: ``(N, C, *S)`` logits of the other model (detached inside).
+        policy: ``"fixed"`` or ``"class_fraction"``.
+        confidence: the fixed confidence threshold in ``[0, 1]``.
+        fraction: with ``"class_fraction"``, share of each predicted class kept, ``(0, 1]``.
+        ignore_index: value of pixels that take no part.
+        num_bins: histogram resolution of the per-class cut.
+
+    Returns:
+        ``(labels (N, *S) int64, confident (N, *S) bool)``; ``confident`` is True on the
+        unlabeled pixels that received a pseudo label.
+
+    Example:
+        >>> logits = torch.tensor([[[[4.0, 0.0]], [[0.0, 0.3]]]])  # 1 image, 2 classes, 1x2 pixels
+        >>> y, conf = dacl_labels(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([False]), logits)
+        >>> y.tolist()
+        [[[0, -100]]]
+        >>> dacl_labels(torch.zeros(1, 1, 2, dtype=torch.long), torch.tensor([False]), logits,
+        ...             policy="class_fraction", fraction=1.0)[0].tolist()
+        [[[0, 1]]]
+    """
+    if policy not in PSEUDO_POLICIES:
+        raise ValueError(f"policy: expected one of {PSEUDO_POLICIES}, got {policy!r}")
+    if not 0.0 <= confidence <= 1.0:
+        raise ValueError(f"confidence: expected a value in [0, 1], got {confidence!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction: expected a value in (0, 1], got {fraction!r}")
+    check_rank("logits_other", logits_other, (4, 5), "(N, C, *spatial)")
+    n, c = logits_other.shape[:2]
+    spatial = tuple(logits_other.shape[2:])
+    if tuple(labels.shape) != (n,) + spatial:
+        raise ValueError(f"labels: expected shape {(n,) + spatial} to match logits_other "
+                         f"{tuple(logits_other.shape)}, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype}")
+    if labeled.shape != (n,):
+        raise ValueError(f"labeled: expected a bool tensor of shape ({n},), got {tuple(labeled.shape)}")
+    with torch.no_grad():
+        conf, pred = logits_other.detach().float().softmax(1).max(1)
+        keep = conf > confidence
+        if policy == "class_fraction":
+            bins = (conf * num_bins).long().clamp_(0, num_bins - 1)
+            unl = (~labeled.to(torch.bool)).view((n,) + (1,) * len(spatial)).expand_as(pred)
+            flat = torch.where(unl, pred * num_bins + bins, torch.full_like(pred, c * num_bins)).reshape(-1)
+            hist = torch.zeros(c * num_bins + 1, device=conf.device).scatter_add_(
+                0, flat, torch.ones_like(flat, dtype=torch.float32))[:-1].view(c, num_bins)
+            need = (hist.sum(1) * fraction).ceil()  # (C,) pixels to keep per predicted class
+            at_or_above = hist.flip(1).cumsum(1).flip(1)  # pixels with bin >= b
+            cut = (at_or_above >= need.unsqueeze(1)).sum(1) - 1  # (C,) highest bin that keeps enough
+            keep |= (bins >= cut[pred]) & (need[pred] > 0)
+        lab = labeled.to(torch.bool).view((n,) + (1,) * len(spatial))
+        confident = keep & ~lab
+        pseudo = torch.where(confident, pred, torch.full_like(pred, ignore_index))
+        out = torch.where(lab, labels.long(), pseudo)
+    return out, confident
 
 
 # ----------------------------------------------------------------------------- L_cross

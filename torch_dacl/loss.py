@@ -24,13 +24,24 @@ _SAMPLINGS = ("density", "random")
 class DACLDetails(NamedTuple):
     """Diagnostics of one forward pass (returned with ``return_details=True``).
 
+    Every field is a tensor on the embeddings' device (no host synchronisation); the
+    per-class ``(C,)`` summaries are what :class:`~torch_dacl.objective.DACLObjective` logs.
+
     Attributes:
         loss: the scalar loss.
         density: ``(C, S)`` density of the sampled batch features (-1 where padded).
         sample_valid: ``(C, S)`` bool, sampled positions that hold a feature.
         anchor_density: ``(C, Q)`` density of the selected anchors.
         anchor_valid: ``(C, Q)`` bool.
-        num_contributing: number of anchors that entered the loss (tensor, no host sync).
+        num_contributing: number of anchors that entered the loss.
+        positive_density: ``(C, H)`` density of the selected batch positive keys.
+        positive_valid: ``(C, H)`` bool.
+        anchor_center_cosine: ``(C, Q)`` cosine between each anchor and its class center
+            (Eq. 8), 0 where the anchor is not valid.
+        overlap: ``(C,)`` number of batch pixels chosen both as anchor and as positive key
+            (0 by construction with ``anchor_mode="pixel"``, see the class docstring).
+        bank_fill: ``(C,)`` filled bank slots after the update (0 without a bank).
+        contributing: ``(C, Q)`` bool, anchors that entered the loss.
     """
 
     loss: torch.Tensor
@@ -39,6 +50,34 @@ class DACLDetails(NamedTuple):
     anchor_density: torch.Tensor
     anchor_valid: torch.Tensor
     num_contributing: torch.Tensor
+    positive_density: Optional[torch.Tensor] = None
+    positive_valid: Optional[torch.Tensor] = None
+    anchor_center_cosine: Optional[torch.Tensor] = None
+    overlap: Optional[torch.Tensor] = None
+    bank_fill: Optional[torch.Tensor] = None
+    contributing: Optional[torch.Tensor] = None
+
+    def per_class(self) -> dict:
+        """Per-class ``(C,)`` summaries: sampled pixels, anchors, positives, overlap, mean
+        anchor / positive density, mean anchor-center cosine, bank fill (float tensors)."""
+        def mean(x, v):
+            v = v.to(x.dtype)
+            return (x * v).sum(1) / v.sum(1).clamp_min(1)
+        out = {
+            "sampled": self.sample_valid.sum(1).float(),
+            "anchors": self.anchor_valid.sum(1).float(),
+            "anchor_density": mean(self.anchor_density, self.anchor_valid),
+        }
+        if self.positive_valid is not None:
+            out["positives"] = self.positive_valid.sum(1).float()
+            out["positive_density"] = mean(self.positive_density, self.positive_valid)
+        if self.anchor_center_cosine is not None:
+            out["anchor_center_cosine"] = mean(self.anchor_center_cosine, self.anchor_valid)
+        if self.overlap is not None:
+            out["overlap"] = self.overlap.float()
+        if self.bank_fill is not None:
+            out["bank_fill"] = self.bank_fill.float()
+        return out
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -53,6 +92,34 @@ def _select(score: torch.Tensor, valid: torch.Tensor, k: int, largest: bool) -> 
     masked = torch.where(valid, score, torch.full_like(score, fill))
     idx = masked.topk(k, dim=1, largest=largest).indices
     return idx, valid.gather(1, idx)
+
+
+def _split_by_rank(
+    key: torch.Tensor, valid: torch.Tensor, num_low: int, num_high: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint low and high ends of one ranking of each row (anchors and batch positives).
+
+    The valid entries of each row of ``key (C, S)`` are sorted ascending (ties by position).
+    With ``n`` valid entries, the ``q = num_low`` lowest and the ``h = num_high`` highest
+    are taken when ``n >= num_low + num_high``; otherwise ``q = min(num_low, n // 2)`` and
+    ``h = min(num_high, n - q)``, so the two sets never share an entry.
+
+    Returns ``(low_idx (C, min(num_low, S)), low_valid, high_idx (C, min(num_high, S)),
+    high_valid)``; vectorised, no host synchronisation.
+    """
+    c, s = key.shape
+    dev = key.device
+    order = torch.where(valid, key, torch.full_like(key, float("inf"))).argsort(dim=1, stable=True)
+    n = valid.sum(1, keepdim=True)  # (C, 1)
+    enough = n >= num_low + num_high
+    q = torch.where(enough, torch.full_like(n, num_low), torch.clamp(n // 2, max=num_low))
+    h = torch.where(enough, torch.full_like(n, num_high), torch.clamp(n - q, max=num_high))
+    ql, hl = min(num_low, s), min(num_high, s)
+    low_rank = torch.arange(ql, device=dev).unsqueeze(0)
+    high_rank = torch.arange(hl, device=dev).unsqueeze(0)
+    low_idx = order[:, :ql]
+    high_idx = order.gather(1, (n - 1 - high_rank).clamp_min(0))
+    return low_idx, low_rank < q, high_idx, high_rank < h
 
 
 def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +147,21 @@ class SoftDensityContrastiveLoss(nn.Module):
 
     Gradients reach the embeddings through the anchors only; positives, negatives and
     densities carry none.
+
+    **Anchors and positives never coincide** (a decision the paper leaves open). Steps 3 and
+    4 take the two ends of one density ranking of a class's sampled pixels. With :math:`S_n`
+    sampled pixels of class :math:`n`, :math:`Q` = ``num_anchors`` and :math:`H` =
+    ``num_positives // 2``: when :math:`S_n \ge Q + H` the :math:`Q` lowest are anchors and
+    the :math:`H` highest are batch positives, exactly as Eq. 6-7; when a class has fewer
+    pixels, they are split by rank into :math:`q = \min(Q, \lfloor S_n/2 \rfloor)` anchors
+    (the low end) and :math:`\min(H, S_n - q)` positives (the high end). Without this rule a
+    small class would see its pixels be both anchor and positive, and the density-aware
+    selection of Table 2's rows III-VI would reduce to row II. To get the paper's
+    :math:`N_q` anchors for a class, ``max_samples_per_class`` (and the class's labelled or
+    pseudo-labelled pixels) must reach :math:`N_q + N_p^+/2` = 512 at the defaults. With
+    ``sampling="random"`` the ranking is a random one (still disjoint); with
+    ``anchor_mode="class"`` anchors are prototypes and positives are pixels, so nothing is
+    shared.
 
     Args:
         num_classes: ``C`` (background counts as a class, DESIGN.md 3.3).
@@ -121,10 +203,12 @@ class SoftDensityContrastiveLoss(nn.Module):
             Every rank must call the loss and its backward (they are collectives). A no-op
             without a process group. See ``docs/distributed.rst``.
         validate: check values (finite embeddings, labels in range), one host sync each.
+        update_bank_in_eval: push into the bank also in ``eval()`` mode (default False: a
+            loss evaluated in eval mode, e.g. on validation data, leaves the bank as it was).
 
     Shape:
         - embeddings: ``(N, D, H, W)`` or ``(N, D, Z, H, W)``.
-        - labels: ``(N, H', W')`` / ``(N, Z', H', W')`` int64; resized with nearest
+        - labels: ``(N, H', W')`` / ``(N, Z', H', W')``, any integer dtype; resized with nearest
           neighbour to the embeddings' spatial size when it differs.
         - probs (optional): ``(N, C, *spatial)`` class probabilities for the prototypes of
           Eq. 2; one-hot labels when omitted.
@@ -170,6 +254,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         reduction: str = "mean",
         gather_distributed: bool = False,
         validate: bool = True,
+        update_bank_in_eval: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("dim", dim), ("num_anchors", num_anchors),
@@ -207,6 +292,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         self.reduction = reduction
         self.gather_distributed = gather_distributed
         self.validate = validate
+        self.update_bank_in_eval = bool(update_bank_in_eval)
         self.bank = ClassMemoryBank(num_classes, dim, bank_size, gather_distributed=False)
 
     def extra_repr(self) -> str:
@@ -231,6 +317,8 @@ class SoftDensityContrastiveLoss(nn.Module):
             raise ValueError(f"labels: expected shape (N, *spatial) = ({n}, {', '.join(map(str, spatial))}) "
                              f"for embeddings {tuple(embeddings.shape)}, got {tuple(labels.shape)}")
         check_labels("labels", labels, self.num_classes, self.ignore_index, check_values=self.validate)
+        if labels.dtype != torch.long:  # any integer dtype (uint8 label maps, int32, ...)
+            labels = labels.long()
         if self.validate:
             check_finite("embeddings", embeddings)
         if labels.shape[1:] != spatial:
@@ -255,7 +343,7 @@ class SoftDensityContrastiveLoss(nn.Module):
 
         Args:
             embeddings: projection-head output ``(N, D, *spatial)`` (any float dtype).
-            labels: ``(N, *spatial')`` int64 ground truth or pseudo labels.
+            labels: ``(N, *spatial')`` ground truth or pseudo labels (any integer dtype).
             probs: optional ``(N, C, *spatial)`` probabilities for the prototypes (Eq. 2).
             return_details: also return a :class:`DACLDetails`.
 
@@ -304,22 +392,23 @@ class SoftDensityContrastiveLoss(nn.Module):
                 pvalid = _dist.all_gather_cat(pvalid.transpose(0, 1))[0].transpose(0, 1)
             pdens = DF.knn_density_grouped(protos, pvalid, self.ks, bank, bank_valid)
 
-        # 3. anchors (Eq. 6)
-        if self.anchor_mode == "class":
-            cand, cand_valid, cand_dens = protos, pvalid, pdens
-        else:
-            cand, cand_valid, cand_dens = feats, svalid, dens
-        if self.sampling == "density":
-            a_idx, a_valid = _select(cand_dens, cand_valid, self.num_anchors, largest=False)
-        else:
-            a_key = torch.rand(cand_valid.shape, device=dev, generator=gen)
-            a_idx, a_valid = _select(a_key, cand_valid, self.num_anchors, largest=False)
-        anchors = _gather_rows(cand, a_idx)
-
-        # 4. positive keys and the class center (Eq. 7-8), no gradient
+        # 3-4. anchors (Eq. 6) and positive keys (Eq. 7); in pixel mode both come from one
+        # ranking of the sampled pixels, the low end (anchors) and the high end (batch
+        # positives), disjoint even for a class with few pixels
         half = max(1, self.num_positives // 2)
-        key_b = dens if self.sampling == "density" else torch.rand(dens.shape, device=dev, generator=gen)
-        pb_idx, pb_valid = _select(key_b, svalid, half, largest=True)
+        rand_key = None if self.sampling == "density" else torch.rand(dens.shape, device=dev, generator=gen)
+        if self.anchor_mode == "class":
+            cand, cand_dens = protos, pdens
+            a_key = cand_dens if rand_key is None else torch.rand(pvalid.shape, device=dev, generator=gen)
+            a_idx, a_valid = _select(a_key, pvalid, self.num_anchors, largest=False)
+            pb_idx, pb_valid = _select(dens if rand_key is None else rand_key, svalid, half, largest=True)
+            overlap = torch.zeros(c, dtype=torch.long, device=dev)  # prototypes vs pixels
+        else:
+            cand, cand_dens = feats, dens
+            a_idx, a_valid, pb_idx, pb_valid = _split_by_rank(
+                dens if rand_key is None else rand_key, svalid, self.num_anchors, half)
+            overlap = self._overlap(a_idx, a_valid, pb_idx, pb_valid, svalid.shape[1])
+        anchors = _gather_rows(cand, a_idx)
         pos, pos_valid = _gather_rows(x, pb_idx), pb_valid
         if use_bank:
             bnk_valid = bank_valid
@@ -341,8 +430,8 @@ class SoftDensityContrastiveLoss(nn.Module):
         )
         loss = DF._reduce(terms, contributing, self.reduction)
 
-        # 7. bank update with detached vectors (FIFO)
-        if use_bank:
+        # 7. bank update with detached vectors (FIFO); not in eval() unless asked
+        if use_bank and (self.training or self.update_bank_in_eval):
             if self.bank_source == "prototype":
                 cls = torch.arange(c, device=dev).unsqueeze(1).expand_as(pvalid)
                 self.bank.push(protos.detach().reshape(-1, d), cls.reshape(-1), pdens.reshape(-1), pvalid.reshape(-1))
@@ -357,8 +446,22 @@ class SoftDensityContrastiveLoss(nn.Module):
                 self.bank.push(px.reshape(-1, d), cls.reshape(-1), pd.reshape(-1), pv.reshape(-1))
 
         if return_details:
-            return DACLDetails(loss, dens, svalid, cand_dens.gather(1, a_idx), a_valid, contributing.sum())
+            with torch.no_grad():
+                cos = torch.einsum("cqd,cd->cq", F.normalize(anchors.detach().float(), dim=-1),
+                                   F.normalize(centers.float(), dim=-1)) * a_valid
+            fill = self.bank.count.clone() if use_bank else torch.zeros(c, dtype=torch.long, device=dev)
+            return DACLDetails(loss, dens, svalid, cand_dens.gather(1, a_idx), a_valid, contributing.sum(),
+                               dens.gather(1, pb_idx), pb_valid, cos, overlap, fill, contributing)
         return loss
+
+    @staticmethod
+    def _overlap(a_idx: torch.Tensor, a_valid: torch.Tensor, p_idx: torch.Tensor, p_valid: torch.Tensor,
+                 width: int) -> torch.Tensor:
+        """``(C,)`` number of sampled positions chosen both as anchor and as batch positive."""
+        c = a_idx.shape[0]
+        in_a = torch.zeros(c, width, dtype=torch.bool, device=a_idx.device).scatter_(1, a_idx, a_valid)
+        in_p = torch.zeros(c, width, dtype=torch.bool, device=a_idx.device).scatter_(1, p_idx, p_valid)
+        return (in_a & in_p).sum(1)
 
     def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
         """``(N, *S)`` labels -> ``(N, C, *S)`` float one-hot; ignored pixels are all-zero."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import warnings
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -74,6 +75,31 @@ class MultiScaleDensity(nn.Module):
         return DF.knn_density(features, labels, self.ks, bank, bank_valid)
 
 
+def resolve_warmup(warmup: Union[int, float], total_steps: int) -> int:
+    """Warm-up in steps from an int (steps) or a float in ``[0, 1)`` (fraction of the run).
+
+    Warns when the warm-up is as long as the run (the weight would stay 0 throughout).
+
+    Example:
+        >>> resolve_warmup(1 / 30, 3000), resolve_warmup(200, 3000)
+        (100, 200)
+    """
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
+        raise ValueError(f"warmup_steps: expected an int >= 0 or a float in [0, 1), got {warmup!r}")
+    if isinstance(warmup, float):
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup_steps: a float is a fraction of the run, expected [0, 1), got {warmup!r}")
+        steps = int(round(warmup * total_steps))
+    else:
+        if warmup < 0:
+            raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup!r}")
+        steps = int(warmup)
+    if steps >= total_steps:
+        warnings.warn(f"warmup_steps={steps} >= total_steps={total_steps}: lambda_CL stays 0 for the whole run "
+                      f"(give the warm-up as a fraction, e.g. warmup_steps=1/30)", stacklevel=3)
+    return steps
+
+
 class GaussianRampUp(nn.Module):
     r"""Gaussian warm-up schedule of :math:`\lambda_{CL}` (Eq. 1), as a stateful scheduler.
 
@@ -85,7 +111,9 @@ class GaussianRampUp(nn.Module):
         total_steps: :math:`t_{max}` (30,000 in the paper).
         max_weight: the factor 0.1 of Eq. 1.
         warmup_steps: steps with weight 0 (1,000 in the paper, "to prevent model collapse
-            caused by the initialized prototypes").
+            caused by the initialized prototypes"): an int counts steps, a float in
+            ``[0, 1)`` is a fraction of ``total_steps`` (the paper's is ``1000 / 30000``).
+            A warning is issued when the warm-up covers the whole run.
 
     Example:
         >>> ramp = GaussianRampUp(total_steps=100, warmup_steps=10)
@@ -99,15 +127,13 @@ class GaussianRampUp(nn.Module):
 
     step_count: torch.Tensor
 
-    def __init__(self, total_steps: int, max_weight: float = 0.1, warmup_steps: int = 1000) -> None:
+    def __init__(self, total_steps: int, max_weight: float = 0.1, warmup_steps: Union[int, float] = 1000) -> None:
         super().__init__()
-        if total_steps < 1:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps: expected an int >= 1, got {total_steps!r}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
         self.total_steps = int(total_steps)
         self.max_weight = float(max_weight)
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = resolve_warmup(warmup_steps, self.total_steps)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
