@@ -7,10 +7,11 @@ DACL term to an existing semi-supervised segmentation loop, for 2D ``(N, C, H, W
 
 from . import distributed, functional
 from .bank import ClassMemoryBank
-from .cotraining import CoTrainingOutput, CoTrainingWrapper, ProjectionHead
-from .functional import cross_pseudo_supervision_loss, sample_pixels_per_class
+from .cotraining import CoTrainingOutput, CoTrainingWrapper, ProjectionHead, SegmentationWithEmbeddings, scale_gradient
+from .functional import cross_pseudo_supervision_loss, dacl_labels, sample_pixels_per_class
 from .loss import DACLDetails, SoftDensityContrastiveLoss
 from .modules import GaussianRampUp, MaskedAveragePool, MultiScaleDensity
+from .objective import DACLObjective, DACLObjectiveOutput, gradient_share
 
 __version__ = "0.1.0"
 
@@ -19,14 +20,20 @@ __all__ = [
     "CoTrainingOutput",
     "CoTrainingWrapper",
     "DACLDetails",
+    "DACLObjective",
+    "DACLObjectiveOutput",
     "GaussianRampUp",
     "MaskedAveragePool",
     "MultiScaleDensity",
     "ProjectionHead",
+    "SegmentationWithEmbeddings",
     "SoftDensityContrastiveLoss",
     "cross_pseudo_supervision_loss",
+    "dacl_labels",
+    "gradient_share",
     "distributed",
     "functional",
     "sample_pixels_per_class",
+    "scale_gradient",
     "__version__",
 ]
