@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import torch_dacl.functional as DF
-from naive import naive_knn_density, naive_masked_average_pool, naive_rampup, naive_sdcl
+from naive import (naive_cps, naive_knn_density, naive_masked_average_pool, naive_rampup, naive_sdcl,
+                   naive_sdcl_autograd)
 
 
 @pytest.mark.parametrize("spatial", [(5, 4), (3, 4, 2)])
@@ -158,6 +159,88 @@ def test_sdcl_gradient_matches_reference_autograd():
     torch.testing.assert_close(a1.grad.double(), a2.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("weighting", ["paper", "scale", "none"])
+@pytest.mark.parametrize("include_positive", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_sdcl_gradient_matches_float64_reference_every_option(weighting, include_positive, reduction):
+    """Loss and gradient of every weighting against a float64 autograd loop, with partially
+    valid negatives (and a class with none), a non-default temperature and gamma."""
+    g = torch.Generator().manual_seed(6)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 3])
+    anchors = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    centers = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    negs = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    neg_valid = torch.tensor([[1, 0, 1, 0, 1, 1], [0, 0, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]],
+                             dtype=torch.bool)  # one valid negative for class 1, none for class 3
+    kw = dict(temperature=0.25, weighting=weighting, include_positive=include_positive, reduction=reduction)
+    a1 = anchors.clone().requires_grad_()
+    loss = DF.soft_density_contrastive_loss(a1, labels, centers, negs, neg_valid, **kw)
+    loss.backward()
+    a2 = anchors.clone().requires_grad_()
+    ref, k = naive_sdcl_autograd(a2, labels, centers, negs, neg_valid, **kw)
+    ref.backward()
+    assert k == 8
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a1.grad, a2.grad, atol=1e-5, rtol=1e-4)
+    assert torch.all(a1.grad[8] == 0)  # the anchor of class 3 (no negative) gets no gradient
+    assert a1.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("weighting", ["paper", "scale", "none"])
+def test_sdcl_grouped_gradient_with_gamma_and_invalid_centers(weighting):
+    """The grouped function: padded anchors, a class without a valid center, gamma=0.5."""
+    g = torch.Generator().manual_seed(7)
+    anchors = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    valid = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    centers = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    centers_valid = torch.tensor([True, False, True])
+    negs = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    neg_valid = torch.rand(3, 5, generator=g) > 0.4
+    neg_valid[:, 0] = True
+    a1 = anchors.clone().requires_grad_()
+    terms, contributing = DF.soft_density_contrastive_loss_grouped(
+        a1, valid, centers, negs, neg_valid, temperature=0.35, weighting=weighting, gamma=0.5,
+        centers_valid=centers_valid)
+    assert contributing.tolist() == [[True] * 3 + [False], [False] * 4, [True] * 4]
+    assert torch.all(terms[~contributing] == 0)
+    terms.sum().backward()
+    flat_valid = valid.reshape(-1)
+    a2 = anchors.clone().requires_grad_()
+    labels = torch.arange(3).repeat_interleave(4)[flat_valid]
+    ref, k = naive_sdcl_autograd(a2.reshape(12, 5)[flat_valid], labels, centers, negs, neg_valid, temperature=0.35,
+                                 weighting=weighting, gamma=0.5, reduction="sum", centers_valid=centers_valid)
+    ref.backward()
+    assert k == int(contributing.sum()) == 7
+    torch.testing.assert_close(terms.sum().double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a1.grad, a2.grad, atol=1e-5, rtol=1e-4)
+    assert torch.all(a1.grad[1] == 0) and torch.all(a1.grad[0, 3] == 0)
+
+
+def test_sdcl_scale_weight_carries_no_gradient():
+    """'scale' detaches w_i: its gradient is that of -w_i * log ratio with w_i a constant,
+    which differs from the gradient through w_i (a 'scale' whose weight stayed attached)."""
+    g = torch.Generator().manual_seed(8)
+    anchors = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    labels = torch.zeros(4, dtype=torch.long)
+    centers, negs = torch.randn(1, 3, generator=g, dtype=torch.float64), torch.randn(1, 3, 3, generator=g,
+                                                                                      dtype=torch.float64)
+    a1 = anchors.clone().requires_grad_()
+    DF.soft_density_contrastive_loss(a1, labels, centers, negs, weighting="scale", reduction="sum").backward()
+    m = torch.nn.functional.normalize(anchors, dim=-1)
+    w = 4 * torch.softmax(m @ torch.nn.functional.normalize(centers[0], dim=0), 0)  # a constant
+    a2 = anchors.clone().requires_grad_()
+    m2 = torch.nn.functional.normalize(a2, dim=-1)
+    c2, n2 = torch.nn.functional.normalize(centers[0], dim=0), torch.nn.functional.normalize(negs[0], dim=-1)
+    log_ratio = m2 @ c2 / 0.4 - torch.logsumexp(m2 @ n2.T / 0.4, dim=1)
+    (-(w * log_ratio).sum()).backward()
+    torch.testing.assert_close(a1.grad, a2.grad, atol=1e-5, rtol=1e-4)
+    a3 = anchors.clone().requires_grad_()
+    m3 = torch.nn.functional.normalize(a3, dim=-1)
+    w3 = 4 * torch.softmax(m3 @ c2, 0)
+    (-(w3 * (m3 @ c2 / 0.4 - torch.logsumexp(m3 @ n2.T / 0.4, dim=1))).sum()).backward()
+    assert (a3.grad - a2.grad).abs().max() > 1e-3  # the two gradients are distinguishable
+
+
 def test_sdcl_nothing_contributes_gives_connected_zero():
     anchors = torch.randn(4, 3, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1])
@@ -208,3 +291,29 @@ def test_cross_pseudo_supervision_is_symmetric_ce():
     torch.testing.assert_close(loss, ref)
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     assert DF.cross_pseudo_supervision_loss(la, lb, mask).item() == 0.0
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (2, 3, 4)])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_masked_cross_pseudo_supervision_matches_reference(spatial, fraction):
+    """The masked mean over the pixels that take part (not over all pixels), and its gradient."""
+    from torch_dacl import CoTrainingWrapper
+
+    g = torch.Generator().manual_seed(9)
+    la = torch.randn((2, 4) + spatial, generator=g, dtype=torch.float64)
+    lb = torch.randn((2, 4) + spatial, generator=g, dtype=torch.float64)
+    mask = torch.rand((2,) + spatial, generator=g) < fraction
+    if 0 < fraction < 1:
+        assert 0 < int(mask.sum()) < mask.numel()
+    a1, b1 = la.clone().requires_grad_(), lb.clone().requires_grad_()
+    loss = DF.cross_pseudo_supervision_loss(a1, b1, mask)
+    a2, b2 = la.clone().requires_grad_(), lb.clone().requires_grad_()
+    ref = naive_cps(a2, b2, mask)
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-6, rtol=1e-6)
+    assert loss.requires_grad
+    (loss + 0 * a1.sum()).backward()
+    (ref + 0 * a2.sum()).backward()
+    torch.testing.assert_close(a1.grad, a2.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b1.grad, b2.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(CoTrainingWrapper.cross_loss(la, lb, mask), loss)
+    torch.testing.assert_close(CoTrainingWrapper.cross_loss(la, lb), DF.cross_pseudo_supervision_loss(la, lb))

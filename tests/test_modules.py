@@ -75,6 +75,45 @@ def test_all_ignored_gives_exact_zero():
     assert loss.item() == 0.0
 
 
+@pytest.mark.parametrize("anchor_mode", ["pixel", "class"])
+def test_one_class_batch_gives_exact_zero_and_no_contributing_anchor(anchor_mode):
+    """No other class: no negative, so no anchor contributes, and the loss is exactly 0."""
+    loss_fn = small(anchor_mode=anchor_mode)
+    for _ in range(2):  # also once the bank holds entries of that class
+        emb = torch.randn(2, 8, 4, 4, requires_grad=True)
+        out = loss_fn(emb, torch.ones(2, 4, 4, dtype=torch.long), return_details=True)
+        assert out.loss.item() == 0.0 and int(out.num_contributing) == 0
+        assert out.anchor_valid.any()  # there were anchors; they had no negative
+        out.loss.backward()
+        assert torch.all(emb.grad == 0)
+    assert int(loss_fn.bank.count[1]) > 0
+
+
+def test_class_with_prototypes_but_no_labelled_pixel_contributes_nothing():
+    """probs give class 2 a prototype in each image, but no pixel is labelled 2: with an empty
+    bank class 2 has no positive key, hence no center, and its anchors do not count."""
+    torch.manual_seed(0)
+    emb = torch.randn(2, 8, 4, 4)
+    lab = torch.tensor([[0] * 8 + [1] * 8]).reshape(1, 4, 4).repeat(2, 1, 1)
+    probs = torch.nn.functional.one_hot(lab, 3).movedim(-1, 1).float()
+    with_2 = probs.clone()
+    with_2[:, 2, :2] = 0.9  # above phi: class 2 has a prototype in both images
+    a = small(anchor_mode="class", num_negatives=64)(emb, lab, probs=probs, return_details=True)
+    b = small(anchor_mode="class", num_negatives=64)(emb, lab, probs=with_2, return_details=True)
+    assert b.anchor_valid[2].sum() == 2  # class 2 had two prototype anchors ...
+    assert int(a.num_contributing) == int(b.num_contributing) == 4  # ... and neither counts
+    assert a.loss.item() == b.loss.item() != 0.0
+
+
+def test_all_ignored_gives_zero_connected_to_the_embeddings():
+    emb = torch.randn(2, 8, 4, 4, requires_grad=True)
+    out = small()(emb, torch.full((2, 4, 4), -100), return_details=True)
+    assert out.loss.item() == 0.0 and int(out.num_contributing) == 0
+    assert out.loss.requires_grad and out.loss.grad_fn is not None
+    out.loss.backward()
+    assert emb.grad is not None and torch.all(emb.grad == 0)
+
+
 def test_empty_bank_density_and_loss_are_defined():
     d = DF.knn_density(torch.randn(3, 4), torch.tensor([0, 1, 2]), (4,), bank=torch.zeros(3, 5, 4),
                        bank_valid=torch.zeros(3, 5, dtype=torch.bool))

@@ -4,11 +4,11 @@ import io
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import torch_dacl.functional as DF
-from naive import NaiveFifo
+from naive import NaiveFifo, naive_knn_density, naive_sdcl, naive_sdcl_autograd
 from torch_dacl import ClassMemoryBank, SoftDensityContrastiveLoss
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -172,3 +172,161 @@ def test_loss_is_invariant_to_an_added_ignored_pixel(seed, weighting, bank_sourc
         la, lb = loss_a(emb, lab), loss_b(emb_x, lab_x)
         torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss_a.bank.count, loss_b.bank.count)
+
+
+# --------------------------------------------------------------------------- comparisons with the naive references
+# These compare values (not only invariances) over random shapes, budgets, bank fill and
+# ignore masks; the strategies reach a class with one member, exact ties (duplicated
+# vectors), a partially filled bank and batches whose every pixel is ignored.
+COMPARE = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                           HealthCheck.filter_too_much])
+
+
+@COMPARE
+@given(data=labelled_points(), ks=st.lists(st.integers(1, 8), min_size=1, max_size=3),
+       bank_len=st.integers(0, 5), fill=st.lists(st.integers(0, 5), min_size=4, max_size=4),
+       lone=st.booleans())
+def test_density_matches_naive_reference(data, ks, bank_len, fill, lone):
+    feats, labels, c, seed = data
+    if lone:  # the last query forms a class of its own: its only neighbours are bank entries
+        labels = labels.clone()
+        labels[labels == c - 1] = 0
+        labels[-1] = c - 1
+    g = torch.Generator().manual_seed(seed + 2)
+    bank = bank_valid = None
+    if bank_len:
+        bank = torch.randn(c, bank_len, feats.shape[1], generator=g)
+        bank_valid = torch.arange(bank_len).unsqueeze(0) < torch.tensor(fill[:c]).unsqueeze(1)  # partial fill
+    dens = DF.knn_density(feats, labels, ks, bank, bank_valid)
+    ref = naive_knn_density(feats, labels, ks, bank, bank_valid)
+    torch.testing.assert_close(dens.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@COMPARE
+@given(seed=st.integers(0, 2**31 - 1), a=st.integers(0, 12), c=st.integers(1, 4), p=st.integers(1, 6),
+       d=st.integers(1, 5), p_valid=st.floats(0.0, 1.0), weighting=st.sampled_from(["paper", "scale", "none"]),
+       gamma=st.sampled_from([None, 0.5, 2.0]), include_positive=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]), tau=st.floats(0.1, 1.0), dup=st.booleans())
+def test_sdcl_matches_naive_reference(seed, a, c, p, d, p_valid, weighting, gamma, include_positive, reduction,
+                                      tau, dup):
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.randn(a, d, generator=g, dtype=torch.float64)
+    if dup and a > 1:
+        anchors[1:] = anchors[0]  # ties: identical anchors
+    labels = torch.randint(0, c, (a,), generator=g)
+    centers = torch.randn(c, d, generator=g, dtype=torch.float64)
+    negatives = torch.randn(c, p, d, generator=g, dtype=torch.float64)
+    neg_valid = torch.rand(c, p, generator=g) < p_valid  # partially valid, sometimes none
+    kw = dict(temperature=tau, weighting=weighting, gamma=gamma, include_positive=include_positive)
+    a1 = anchors.clone().requires_grad_()
+    loss = DF.soft_density_contrastive_loss(a1, labels, centers, negatives, neg_valid, reduction=reduction, **kw)
+    ref = naive_sdcl(anchors, labels, centers, negatives, neg_valid, reduction=reduction, **kw)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
+    if reduction != "none":
+        loss.backward()
+        a2 = anchors.clone().requires_grad_()
+        ref2, _ = naive_sdcl_autograd(a2, labels, centers, negatives, neg_valid, reduction=reduction, **kw)
+        ref2.backward()
+        if a2.grad is None:  # nothing contributes: the reference never touched the anchors
+            assert a1.grad is None or torch.all(a1.grad == 0)
+        else:
+            torch.testing.assert_close(a1.grad, a2.grad, atol=1e-5, rtol=1e-4)
+
+
+@st.composite
+def dacl_runs(draw, small_classes):
+    """A module configuration and a few batches for SoftDensityContrastiveLoss vs NaiveDACL.
+
+    ``small_classes=False`` keeps, in pixel mode, every class at 0 or at least Q + H pixels
+    (the regime where anchors and batch positives are the Q lowest and H highest);
+    ``True`` forces classes below it, down to one pixel (the disjoint split).
+    """
+    anchor_mode = "pixel" if small_classes else draw(st.sampled_from(["pixel", "class"]))
+    c = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 3))
+    hw = (draw(st.integers(2, 4)), draw(st.integers(2, 5)))
+    d = draw(st.integers(3, 6))
+    q = draw(st.integers(1, 4))
+    pos = draw(st.integers(2, 6))
+    steps = draw(st.integers(2, 3))
+    bank_source = draw(st.sampled_from(["prototype", "pixel"]))
+    cfg = dict(num_classes=c, dim=d, ks=tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=2))),
+               temperature=draw(st.sampled_from([0.2, 0.3, 0.7])), num_anchors=q, num_positives=pos,
+               bank_source=bank_source, anchor_mode=anchor_mode, use_bank=draw(st.booleans()),
+               weighting=draw(st.sampled_from(["paper", "scale", "none"])),
+               include_positive=draw(st.booleans()), reduction=draw(st.sampled_from(["mean", "sum"])),
+               # the pixel bank is never overflowed (its push order is random); prototypes may be
+               bank_size=n * hw[0] * hw[1] * steps if bank_source == "pixel" else draw(st.integers(1, 6)))
+    h = max(1, pos // 2)
+    batches = []
+    for _ in range(steps):
+        seed = draw(st.integers(0, 2**31 - 1))
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, c, (n,) + hw, generator=g)
+        ignored = draw(st.sampled_from([0.0, 0.2, 0.5, 1.0]))
+        labels[torch.rand(labels.shape, generator=g) < ignored] = -100
+        emb = torch.randn((n, d) + hw, generator=g) * (0.5 + torch.rand((n, 1) + hw, generator=g))
+        emb = emb + torch.randn(c, d, generator=g)[labels.clamp_min(0)].movedim(-1, 1)
+        if draw(st.booleans()):  # exact duplicates: tied densities
+            flat = emb.movedim(1, -1).reshape(-1, d)
+            flat[1::3] = flat[0::3][: flat[1::3].shape[0]]
+            emb = flat.reshape((n,) + hw + (d,)).movedim(-1, 1).contiguous()
+        if small_classes or (anchor_mode == "class" and draw(st.booleans())):
+            # one class keeps a single pixel (the others a few)
+            k = draw(st.integers(0, c - 1))
+            members = (labels == k).reshape(-1).nonzero().flatten()
+            if members.numel() > 1:
+                labels.reshape(-1)[members[1:]] = -100 if c == 1 else (k + 1) % c
+        if anchor_mode == "pixel" and not small_classes:
+            counts = torch.bincount(labels[labels >= 0], minlength=c)
+            for k in range(c):
+                if 0 < counts[k] < q + h:
+                    labels[labels == k] = -100
+        batches.append((emb, labels))
+    return cfg, batches
+
+
+def _compare_runs(cfg, batches):
+    from naive import AmbiguousCut, NaiveDACL
+
+    from hypothesis import assume
+
+    module = SoftDensityContrastiveLoss(max_samples_per_class=512, num_negatives=512, bank_push_per_class=512,
+                                        **cfg)
+    ref_kw = {k: v for k, v in cfg.items() if k != "dim"}
+    ref = NaiveDACL(max_samples=512, bank_push_per_class=512, **ref_kw)
+    for emb, labels in batches:
+        e1, e2 = emb.clone().requires_grad_(), emb.double().requires_grad_()
+        out = module(e1, labels, return_details=True)
+        try:
+            want, k = ref(e2, labels)
+        except AmbiguousCut:
+            assume(False)  # two different candidates nearly tie at a cut: no unique answer
+        counts = torch.bincount(labels[labels >= 0], minlength=cfg["num_classes"])
+        for name, hit in (("one-pixel class", bool((counts == 1).any())), ("all ignored", bool((labels < 0).all())),
+                          ("tie at a cut", ref.tie_at_cut), ("contributing anchors", k > 0),
+                          ("bank positives used", cfg["use_bank"] and any(len(b) > 0 for b in ref.bank)),
+                          ("bank partially filled", cfg["use_bank"] and any(0 < len(b) < cfg["bank_size"]
+                                                                            for b in ref.bank))):
+            if hit:
+                event(name)
+        assert int(out.num_contributing) == k
+        torch.testing.assert_close(out.loss.double(), want.detach(), atol=1e-4, rtol=1e-4)
+        out.loss.backward()
+        if not ref.tie_at_cut and want.requires_grad:  # a tie between copies may move the gradient
+            want.backward()
+            torch.testing.assert_close(e1.grad.double(), e2.grad, atol=2e-5, rtol=1e-3)
+        if (labels < 0).all():
+            assert out.loss.item() == 0.0 and torch.all(e1.grad == 0)
+
+
+@COMPARE
+@given(run=dacl_runs(small_classes=False))
+def test_module_matches_naive_pipeline(run):
+    _compare_runs(*run)
+
+
+@settings(COMPARE, max_examples=20)
+@given(run=dacl_runs(small_classes=True))
+def test_module_matches_naive_pipeline_with_small_classes(run):
+    _compare_runs(*run)
