@@ -75,7 +75,7 @@ from acdc_model import build_wrapper  # noqa: E402
 from acdc_plot import render, save_slices, select_slices  # noqa: E402
 from evaluate_acdc import evaluate, format_table, strip_private  # noqa: E402
 
-from torch_dacl import GaussianRampUp, SoftDensityContrastiveLoss  # noqa: E402
+from torch_dacl import DACLObjective, gradient_share  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_STEPS, PAPER_WARMUP = 30000, 1000
@@ -114,7 +114,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="sup: supervised on the labeled slices only; cps: CPS; dacl: CPS + DACL")
     g.add_argument("--labeled-patients", type=int, choices=sorted(LABELED_SLICES), default=7)
     g.add_argument("--data-root", default=None,
-                   help="folder holding ACDC/ (default: $TORCH_DACL_DATA, else <repo>/../shared/data)")
+                   help="folder holding ACDC/ (default: $TORCH_DACL_DATA, else the cache of examples/get_data.py, "
+                        "~/.cache/torch-dacl/data)")
     g.add_argument("--output-dir", type=Path, default=None,
                    help="run folder (default: runs/acdc_<method>_<preset>_seed<seed> under the repository)")
     g.add_argument("--seed", type=int, default=0)
@@ -157,7 +158,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
     g.add_argument("--warmup-steps", type=int, default=None,
                    help="steps with lambda_CL = 0 (default: 1000 * steps / 30000, DESIGN.md 3.4)")
-    g.add_argument("--phi", type=float, default=0.95, help="confidence threshold of the pseudo labels used by DACL")
+    g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction"), default="fixed",
+                   help="which unlabeled pixels get a pseudo label for DACL: fixed = confidence above "
+                        "--pseudo-confidence; class_fraction = also the most confident --pseudo-fraction of each "
+                        "predicted class (reaches the small classes early)")
+    g.add_argument("--pseudo-confidence", type=float, default=0.95,
+                   help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi, see --mask-threshold)")
+    g.add_argument("--pseudo-fraction", type=float, default=0.5, help="share of each predicted class kept by "
+                   "--pseudo-policy class_fraction")
+    g.add_argument("--head-weight", type=float, default=None,
+                   help="the projection heads learn from this times the DACL loss at every step, warm-up included, "
+                        "while the networks still get lambda_CL(t) times its gradient (default: the paper, heads "
+                        "learn at lambda_CL(t))")
+    g.add_argument("--reduction", choices=("mean", "sum"), default="mean",
+                   help="DACL loss reduction over the anchors (Eq. 10 sums; mean is the default, see the docs)")
+    g.add_argument("--grad-share-every", type=int, default=None,
+                   help="every N steps, measure DACL's share of the gradient norm on the networks (3 extra "
+                        "backward passes; logged to TensorBoard and metrics.json)")
     g.add_argument("--mask-threshold", type=float, default=0.5, help="phi of Eq. 2 (prototype masks)")
     g.add_argument("--temperature", type=float, default=0.4)
     g.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32], help="kNN scales; one value = single scale")
@@ -207,14 +224,20 @@ def default_output_dir(cfg: dict) -> Path:
     return REPO_ROOT / "runs" / f"acdc_{cfg['method']}_{cfg['preset']}_seed{cfg['seed']}"
 
 
-def build_dacl(cfg: dict) -> SoftDensityContrastiveLoss:
-    return SoftDensityContrastiveLoss(
-        num_classes=NUM_CLASSES, dim=cfg["embed_dim"], temperature=cfg["temperature"], ks=tuple(cfg["ks"]),
-        num_anchors=cfg["num_anchors"], num_positives=cfg["num_positives"], num_negatives=cfg["num_negatives"],
-        bank_size=cfg["bank_size"], bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"],
-        sampling=cfg["sampling"], weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"],
+def build_objective(cfg: dict, heads=None) -> DACLObjective:
+    """Eq. 1 beyond L_sup: CPS (``cps``) or CPS + one DACL loss per model (``dacl``)."""
+    return DACLObjective(
+        num_classes=NUM_CLASSES, dim=cfg["embed_dim"], total_steps=cfg["steps"], lambda_cl=cfg["lambda_cl"],
+        lambda_cross=cfg["lambda_cross"], warmup=cfg["warmup_steps"], contrastive=cfg["method"] == "dacl",
+        pseudo_policy=cfg["pseudo_policy"], pseudo_confidence=cfg["pseudo_confidence"],
+        pseudo_fraction=cfg["pseudo_fraction"], pixel_stride=cfg["cl_stride"], head_weight=cfg["head_weight"],
+        heads=heads if cfg["head_weight"] is not None else None, ignore_index=-100,
+        temperature=cfg["temperature"], ks=tuple(cfg["ks"]), num_anchors=cfg["num_anchors"],
+        num_positives=cfg["num_positives"], num_negatives=cfg["num_negatives"], bank_size=cfg["bank_size"],
+        bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"], sampling=cfg["sampling"],
+        weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"], reduction=cfg["reduction"],
         max_samples_per_class=cfg["max_samples_per_class"], threshold=cfg["mask_threshold"],
-        ignore_index=-100, validate=False, gather_distributed=_dist.is_dist())
+        validate=False, gather_distributed=_dist.is_dist())
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -258,9 +281,9 @@ class Trainer:
         _dist.split_batch(cfg["unlabeled_bs"], "--unlabeled-bs")
         self.net = _dist.wrap_ddp(self.wrapper, self.device, find_unused_parameters=cfg["method"] != "dacl")
         self.wrapper = _dist.unwrap(self.net)  # checkpoints and evaluation use the plain module
-        self.dacl_a = build_dacl(cfg).to(self.device)
-        self.dacl_b = build_dacl(cfg).to(self.device)
-        self.ramp = GaussianRampUp(cfg["steps"], max_weight=cfg["lambda_cl"], warmup_steps=cfg["warmup_steps"])
+        # the objective owns both DACL losses (and their banks), the schedule and the pseudo labels
+        self.objective = build_objective(cfg, heads=(self.wrapper.head_a, self.wrapper.head_b)).to(self.device)
+        self.shared_params = [p for n, p in self.wrapper.named_parameters() if not n.startswith("head_")]
         self.opt = torch.optim.SGD(self.wrapper.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
                                    weight_decay=cfg["weight_decay"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
@@ -268,25 +291,24 @@ class Trainer:
         self.step = 0
         self.best = {"val_dice": -1.0, "step": None}
         self.history: List[dict] = []
+        self.diagnostics: List[dict] = []  # DACL's per-class stats and gradient share, every log step
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"model": self.wrapper.state_dict(), "dacl_a": self.dacl_a.state_dict(),
-                "dacl_b": self.dacl_b.state_dict(), "ramp": self.ramp.state_dict(),
+        return {"model": self.wrapper.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "best": self.best, "history": self.history, "rng": rng_state(), "config": self.cfg,
+                "best": self.best, "history": self.history, "diagnostics": self.diagnostics, "rng": rng_state(), "config": self.cfg,
                 **({"rng_ranks": _dist.gather_objects(rng_state())} if _dist.is_dist() else {})}
 
     def load_state_dict(self, ck: dict) -> None:
         self.wrapper.load_state_dict(ck["model"])
-        self.dacl_a.load_state_dict(ck["dacl_a"])
-        self.dacl_b.load_state_dict(ck["dacl_b"])
-        self.ramp.load_state_dict(ck["ramp"])
+        self.objective.load_state_dict(ck["objective"])
         self.opt.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.step = int(ck["step"])
         self.best = ck["best"]
         self.history = ck["history"]
+        self.diagnostics = ck.get("diagnostics", [])
         set_rng_state(ck["rng"])
         if _dist.is_dist():  # each rank continues its own random streams
             ranks = ck.get("rng_ranks") or []
@@ -311,14 +333,6 @@ class Trainer:
     def sup_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels) + self.dice(logits, labels)
 
-    def dacl_labels(self, gt: torch.Tensor, logits_other: torch.Tensor) -> torch.Tensor:
-        """GT on the labeled half, the other model's confident argmax on the unlabeled half."""
-        lbs = gt.shape[0]
-        with torch.no_grad():
-            conf, pl = logits_other[lbs:].detach().softmax(1).max(1)
-            pl = torch.where(conf > self.cfg["phi"], pl, torch.full_like(pl, -100))
-        return torch.cat([gt, pl], 0)
-
     def train_step(self, batch: dict) -> Dict[str, float]:
         cfg = self.cfg
         x = batch["image"].to(self.device, non_blocking=True)
@@ -328,41 +342,45 @@ class Trainer:
         lr = poly_lr(cfg["lr"], self.step, cfg["steps"], cfg["poly_power"])
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        lam = self.ramp.value
+        lam = self.objective.lambda_cl
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.net(x)
         la, lb = out.logits_a.float(), out.logits_b.float()
         l_sup = self.sup_loss(la[:lbs], gt) + self.sup_loss(lb[:lbs], gt)
         loss = l_sup
         logs = {"sup": l_sup}
+        diag = None
         if cfg["method"] in ("cps", "dacl"):
-            l_cross = self.wrapper.cross_loss(la, lb)
-            loss = loss + cfg["lambda_cross"] * l_cross
-            logs["cross"] = l_cross
-        if cfg["method"] == "dacl":
-            # always run (it fills the banks during warm-up); lambda_CL = 0 there
-            ea, eb, ya, yb = out.embeddings_a, out.embeddings_b, self.dacl_labels(gt, lb), self.dacl_labels(gt, la)
-            s = cfg["cl_stride"]
-            if s > 1:  # a regular pixel grid with a random offset: s*s times fewer candidate pixels
-                oy, ox = (int(v) for v in torch.randint(s, (2,)))
-                ea, eb = ea[..., oy::s, ox::s], eb[..., oy::s, ox::s]
-                ya, yb = ya[..., oy::s, ox::s], yb[..., oy::s, ox::s]
-            l_cl_a = self.dacl_a(ea, ya)
-            l_cl_b = self.dacl_b(eb, yb)
-            loss = loss + lam * (l_cl_a + l_cl_b)
-            logs["cl"] = l_cl_a + l_cl_b
+            # the library's objective: lambda_cross * L_cross (+ lambda_CL(t) * (L_CL(a) + L_CL(b)), with the
+            # pseudo labels of the unlabeled half; it runs during the warm-up too and fills the banks)
+            labeled = torch.arange(x.shape[0], device=self.device) < lbs
+            res = self.objective(la, lb, out.embeddings_a, out.embeddings_b, y, labeled)
+            loss = loss + res.loss
+            logs["cross"] = res.cross
+            if cfg["method"] == "dacl":
+                logs["cl"] = res.cl_a + res.cl_b
+                if (self.step + 1) % cfg["log_every"] == 0 or self.step + 1 == cfg["steps"]:
+                    diag = {"step": self.step + 1, **DACLObjective.summarize(res.stats, CLASS_NAMES)}
+                    every = cfg["grad_share_every"]
+                    if every and (self.step + 1) % every == 0:
+                        diag.update(gradient_share({"cl": res.cl_term, "sup": l_sup, "cross": res.cross_term},
+                                                   self.shared_params))
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
-        self.ramp.step()
+        self.objective.step()
         self.step += 1
+        if diag is not None:
+            self.diagnostics.append(diag)
         logs["loss"] = loss
         vals = {k: float(v.detach()) for k, v in logs.items()}
         vals.update(lam=lam, lr=lr)
         vals = _dist.mean_scalars(vals)  # averaged over the ranks (unchanged in one process)
         if not all(math.isfinite(v) for v in vals.values()):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {vals}")
+        if diag is not None:
+            vals["_diag"] = diag
         return vals
 
 

@@ -20,7 +20,6 @@ continues exactly where it stopped, without replaying the data.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,7 +50,7 @@ LAYOUT_HELP = (
     "expected the SSL4MIS ACDC layout: <data-root>/ACDC/{train_slices.list, val.list, test.list} "
     "and <data-root>/ACDC/data/<case>.h5 with datasets 'image' (float32) and 'label' (uint8 0..3), "
     "2D (H, W) for training slices and 3D (slices, H, W) for val/test volumes "
-    "(see ../shared/data/README.md; set --data-root or TORCH_DACL_DATA)"
+    "(get it with `python examples/get_data.py acdc`, or set --data-root or TORCH_DACL_DATA)"
 )
 
 
@@ -60,17 +59,16 @@ class ACDCDataError(RuntimeError):
 
 
 def resolve_data_root(arg: Optional[str] = None) -> Path:
-    """``--data-root``, else ``$TORCH_DACL_DATA``, else ``<repo root>/../shared/data``.
-
-    The default is resolved relative to the repository root (the parent of ``examples/``),
-    not to the current directory.
+    """``--data-root``, else ``$TORCH_DACL_DATA``, else the cache of ``get_data.py``, else the
+    development copy beside the repository (``_data.resolve_data_root``); raises
+    :class:`ACDCDataError` naming ``python examples/get_data.py acdc`` when none holds ACDC.
     """
-    if arg:
-        return Path(arg).expanduser()
-    env = os.environ.get("TORCH_DACL_DATA")
-    if env:
-        return Path(env).expanduser()
-    return (Path(__file__).resolve().parent.parent / ".." / "shared" / "data").resolve()
+    import _data
+
+    try:
+        return _data.resolve_data_root(arg, "acdc")
+    except _data.DataNotFoundError as e:
+        raise ACDCDataError(str(e)) from None
 
 
 def find_acdc_dir(data_root: Path) -> Path:

@@ -84,15 +84,19 @@ if str(REPO_ROOT) not in sys.path:
 
 import _dist  # noqa: E402
 import synapse_data as sd  # noqa: E402
+import nnunet_data as nd  # noqa: E402
 from torch_dacl import CoTrainingWrapper, GaussianRampUp, SoftDensityContrastiveLoss  # noqa: E402
 from torch_dacl.functional import gaussian_rampup  # noqa: E402
 
 # ----------------------------------------------------------------------------- presets
 # chaos_zoom: (z, y, x) factors applied to CHAOS-T2 (native 256x256xZ, 1.25x1.25x7.7 mm);
 # btcv / dhc_npy volumes are resized to patch + patch // 4 (DHC).
+# nnunet datasets (nnunet_data): volume_budget caps the median volume after resampling (36x64x64
+# voxels: CHAOS-T2 at the smoke / quick chaos_zoom; None: the median spacing); the product of
+# patch is the patch's voxel budget and n_stages the deepest network (both derived per dataset).
 PRESETS: Dict[str, dict] = {
     "smoke": dict(
-        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), features=(4, 8, 16), n_stages=3, lr=0.01,
+        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), volume_budget=36 * 64 * 64, features=(4, 8, 16), n_stages=3, lr=0.01,
         batch_labeled=1, batch_unlabeled=1, iterations=8, val_every=8, cross_rampup=0, max_val_cases=1, max_test_cases=2,
         embed_dim=16, hidden_dim=16, num_anchors=64, num_positives=128, num_negatives=128, bank_size=100,
         max_samples_per_class=256, warmup_steps=2, val_overlap=0.25,
@@ -100,7 +104,7 @@ PRESETS: Dict[str, dict] = {
              "(4-8-16 features), 1+1 patches, 8 iterations (DACL active from iteration 3), DACL sizes reduced (D=16, N_q=64, N_p=128, L=100), "
              "1 val and 2 test volumes, window overlap 0.25. Checks the pipeline runs; the numbers mean nothing."),
     "quick": dict(
-        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), features=(8, 16, 32, 64), n_stages=4, lr=0.03,
+        patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), volume_budget=36 * 64 * 64, features=(8, 16, 32, 64), n_stages=4, lr=0.03,
         batch_labeled=2, batch_unlabeled=2, iterations=400, val_every=50, max_val_cases=None, max_test_cases=None,
         cross_rampup=160, embed_dim=32, hidden_dim=32, num_anchors=256, num_positives=512, num_negatives=512,
         bank_size=1000, max_samples_per_class=1024, warmup_steps=13, val_overlap=0.5,
@@ -112,7 +116,7 @@ PRESETS: Dict[str, dict] = {
              "untrained models); embedding D=32; paper DACL sizes otherwise "
              "(N_q=256, N_p=512, L=1000); all 2 val / 6 test volumes."),
     "paper": dict(
-        patch=(64, 128, 128), chaos_zoom=(1.0, 0.625, 0.625), features=(32, 64, 128, 256, 320), n_stages=5, lr=0.01,
+        patch=(64, 128, 128), chaos_zoom=(1.0, 0.625, 0.625), volume_budget=None, features=(32, 64, 128, 256, 320), n_stages=5, lr=0.01,
         batch_labeled=2, batch_unlabeled=2, iterations=30000, val_every=500, cross_rampup=0, max_val_cases=None, max_test_cases=None,
         embed_dim=64, hidden_dim=None, num_anchors=256, num_positives=512, num_negatives=512, bank_size=1000,
         max_samples_per_class=1024, warmup_steps=1000, val_overlap=0.5,
@@ -129,14 +133,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 epilog="Distributed" + __doc__.split("\nDistributed", 1)[1].split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     p.add_argument("--method", choices=("sup", "cps", "dacl"), default="dacl")
-    p.add_argument("--dataset", choices=sorted(DATASET_DIRS), default="chaos")
-    p.add_argument("--labeled", type=int, choices=(2, 4), default=4, help="number of labeled training volumes")
+    p.add_argument("--dataset", choices=sorted(DATASET_DIRS) + ["nnunet"], default=None,
+                   help="nnunet: an nnU-Net raw folder given by --dataset-dir (the default when --dataset-dir is "
+                        "given; see docs/tutorials/own_data.rst); else chaos")
+    p.add_argument("--labeled", type=nd.parse_labeled, default=None,
+                   help="labeled training volumes: a count, or a fraction 0<x<1 of the training cases (nnunet: the "
+                        "first N of the split's train list; default: the split's labeled list, else a quarter); "
+                        "chaos / btcv / dhc_npy: 2 or 4 (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--data-root", default=None,
-                   help="folder holding the datasets (default: $TORCH_DACL_DATA, else ../shared/data from the repo root)")
-    p.add_argument("--dataset-dir", default=None, help="the dataset folder itself (overrides --data-root)")
+                   help="folder holding the datasets (default: $TORCH_DACL_DATA, else the cache of "
+                        "examples/get_data.py, ~/.cache/torch-dacl/data)")
+    p.add_argument("--dataset-dir", default=None, help="the dataset folder itself (overrides --data-root); an "
+                                                         "nnU-Net raw folder (dataset.json, imagesTr/, labelsTr/)")
+    p.add_argument("--split", default=None, help="nnunet: split JSON (train/val/test, optional labeled); default "
+                                                 "<dataset-dir>/split.json if present, else generated")
+    p.add_argument("--split-seed", type=int, default=0, help="nnunet: seed of a generated split")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="nnunet: target spacing in mm (default: the median spacing, coarsened to the preset's "
+                        "volume budget)")
     p.add_argument("--out", default=None, help="output folder (default runs/synapse/<run name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if it exists")
     p.add_argument("--threshold", type=float, default=0.9, help="phi: confidence for DACL pseudo labels")
@@ -165,6 +182,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, help="DACL warm-up (lambda_CL = 0) steps")
     p.add_argument("--cross-rampup", type=int, help="steps of the Gaussian ramp-up of lambda_cross (0: constant)")
     args = p.parse_args(argv)
+    if args.dataset is None:
+        args.dataset = "nnunet" if args.dataset_dir else "chaos"
+    if args.dataset != "nnunet" and args.labeled is None:
+        args.labeled = 4
     cfg = dict(PRESETS[args.preset])
     for key in ("lr", "iterations", "val_every", "batch_labeled", "batch_unlabeled", "embed_dim", "max_val_cases",
                 "max_test_cases", "warmup_steps", "cross_rampup"):
@@ -184,12 +205,48 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def dataset_dir(args) -> Path:
     if args.dataset_dir:
         return Path(args.dataset_dir)
-    root = args.data_root or os.environ.get("TORCH_DACL_DATA") or (REPO_ROOT.parent / "shared" / "data")
-    return Path(root) / DATASET_DIRS[args.dataset]
+    import _data  # one lookup for both examples: --data-root, $TORCH_DACL_DATA, the cache, the dev copy
+
+    sub = DATASET_DIRS[args.dataset]
+    if args.dataset == "chaos":
+        try:
+            return _data.resolve_data_root(args.data_root, "chaos") / sub
+        except _data.DataNotFoundError as e:
+            raise SystemExit(f"error: {e}") from None
+    roots = [path for _, path in _data.data_sources(args.data_root)]
+    return next((r / sub for r in roots if (r / sub).is_dir()), roots[0] / sub)
 
 
 # ----------------------------------------------------------------------------- data
+def prepare_nnunet(args, out: Path) -> dict:
+    """An nnU-Net raw folder: check it, resolve the split (saved as <out>/split.json), take the
+    fingerprint, derive the target spacing, patch and depth (unless --patch / --features set
+    them); the plan goes into cfg and <out>/config.json. Returns the split with its classes."""
+    cfg = args.cfg
+    prep = nd.prepare(args.dataset_dir, 3, args.split, args.labeled, args.split_seed,
+                      patch_budget=math.prod(PRESETS[args.preset]["patch"]), max_stages=cfg["n_stages"],
+                      volume_budget=cfg.get("volume_budget"), spacing=args.spacing, verbose=_dist.is_main())
+    if args.patch is None:
+        cfg["patch"] = tuple(prep.plan["patch"])
+    if args.features is None:  # depth: as many stages as the patch can pool (nnU-Net's rule), at most the preset's
+        n = len(nd._poolings(cfg["patch"], prep.plan["target_spacing"], max_stages=cfg["n_stages"]))
+        cfg["n_stages"], cfg["features"] = n, tuple(cfg["features"][:n])
+    cfg["in_channels"] = prep.in_channels
+    cfg["nnunet"] = {**prep.summary(), "patch_used": list(cfg["patch"]), "n_stages_used": cfg["n_stages"]}
+    args.prepared = prep
+    if _dist.is_main():
+        prep.save(out)
+        with open(out / "config.json", "w") as f:
+            json.dump(_jsonable({**cfg, "args": vars(args)}), f, indent=1)
+        print(f"plan: patch {list(cfg['patch'])}, {cfg['n_stages']} stages {list(cfg['features'])}, target spacing "
+              f"{[round(s, 3) for s in prep.plan['target_spacing']]} (saved in {out / 'config.json'}, split in "
+              f"{out / 'split.json'})", flush=True)
+    return {**prep.split, "classes": prep.class_names}
+
+
 def load_volumes(args, ids: Sequence[str]) -> List[sd.Volume]:
+    if args.dataset == "nnunet":  # normalised per channel, resampled to the target spacing
+        return args.prepared.load(ids)
     cfg, root = args.cfg, dataset_dir(args)
     patch = cfg["patch"]
     resize = tuple(p + p // 4 for p in patch)
@@ -212,7 +269,7 @@ def build_unet(cfg: dict, num_classes: int, spacing) -> nn.Module:
 
     strides, kernels = sd.plan_unet(cfg["patch"], spacing, cfg["n_stages"])
     net = PlainConvUNet(
-        input_channels=1, n_stages=cfg["n_stages"], features_per_stage=list(cfg["features"]), conv_op=nn.Conv3d,
+        input_channels=cfg.get("in_channels", 1), n_stages=cfg["n_stages"], features_per_stage=list(cfg["features"]), conv_op=nn.Conv3d,
         kernel_sizes=kernels, strides=strides, n_conv_per_stage=2, num_classes=num_classes,
         n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
@@ -326,8 +383,10 @@ def save_overlay_png(path: Path, vol: sd.Volume, pred: np.ndarray, classes: Sequ
     fg = (vol.label > 0).reshape(vol.label.shape[0], -1).sum(1)
     order = np.argsort(fg)[::-1]
     zs = sorted(order[: min(3, len(order))].tolist()) if fg.max() > 0 else [vol.image.shape[0] // 2]
+    img0 = vol.image if vol.image.ndim == 3 else vol.image[0]  # the first channel
+    lo, hi = (0.0, 1.0) if 0.0 <= img0.min() and img0.max() <= 1.0 else np.percentile(img0, [0.5, 99.5])
     colors = ["none", "tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:pink",
-              "tab:olive", "tab:brown", "gold", "lime", "magenta", "navy"]
+              "tab:olive", "tab:brown", "gold", "lime", "magenta", "navy"] + [plt.cm.tab20(i) for i in range(20)]
     cmap = ListedColormap(colors[: len(classes)])
     # radiological view: anterior up. Array rows run along Y; put the anterior end on top.
     origin = "lower" if vol.meta.get("axcodes", ("", "P", ""))[1] == "A" else "upper"
@@ -335,7 +394,7 @@ def save_overlay_png(path: Path, vol: sd.Volume, pred: np.ndarray, classes: Sequ
     for r, z in enumerate(zs):
         for c, (lab, name) in enumerate(((None, "image"), (vol.label, "ground truth"), (pred, "prediction"))):
             ax = axes[r, c]
-            ax.imshow(vol.image[z], cmap="gray", vmin=0, vmax=1, origin=origin)
+            ax.imshow(img0[z], cmap="gray", vmin=lo, vmax=hi, origin=origin)
             if lab is not None:
                 m = np.ma.masked_where(lab[z] == 0, lab[z])
                 ax.imshow(m, cmap=cmap, vmin=0, vmax=len(classes) - 1, alpha=0.5, interpolation="nearest",
@@ -394,12 +453,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(args.out) if args.out else REPO_ROOT / "runs" / "synapse" / run_name
     out.mkdir(parents=True, exist_ok=True)
 
-    split = sd.load_split(SPLIT_FILES[args.dataset], args.labeled)
+    if args.dataset == "nnunet":  # classes, channels, split, preprocessing and plan from the dataset folder
+        split = prepare_nnunet(args, out)
+    else:
+        split = sd.load_split(SPLIT_FILES[args.dataset], args.labeled)
     classes = split["classes"]
     num_classes = len(classes)
     root = dataset_dir(args)
     if not root.exists():
-        raise SystemExit(f"dataset folder not found: {root} (set --data-root, --dataset-dir or TORCH_DACL_DATA)")
+        hint = "; get it with `python examples/get_data.py chaos`" if args.dataset == "chaos" else ""
+        raise SystemExit(f"error: dataset folder not found: {root} (set --data-root, --dataset-dir or "
+                         f"TORCH_DACL_DATA{hint})")
     val_ids = split["val"][: cfg["max_val_cases"]] if cfg["max_val_cases"] else split["val"]
     test_ids = split["test"][: cfg["max_test_cases"]] if cfg["max_test_cases"] else split["test"]
     t0 = time.time()
@@ -409,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for v in unl_vols:
         v.label = None  # the unlabeled stream never sees its labels
     load_s = time.time() - t0
-    spacing = lab_vols[0].spacing if args.dataset == "chaos" else None
+    spacing = lab_vols[0].spacing if args.dataset in ("chaos", "nnunet") else None
 
     model_a = build_unet(cfg, num_classes, spacing)
     model_b = build_unet(cfg, num_classes, spacing)
@@ -616,6 +680,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      f"Dice {np.mean([m['dice'] for m in per_case[test_vols[0].case_id].values()]):.3f}")
 
     metrics = {
+        **({"nnunet": cfg["nnunet"]} if args.dataset == "nnunet" else {}),
         "dataset": args.dataset, "dataset_dir": str(root), "method": args.method, "preset": args.preset,
         "labeled": args.labeled, "seed": args.seed, "device": str(device), "amp": bool(args.amp), "channels_last": channels_last,
         "torch_threads": torch.get_num_threads(),
@@ -661,5 +726,7 @@ def _jsonable(d):
 if __name__ == "__main__":
     try:
         main()
+    except nd.NnUNetDataError as e:  # a malformed dataset folder: the message names the file
+        sys.exit(f"error: {e}")
     finally:
         _dist.cleanup()
