@@ -9,9 +9,11 @@ HD95 and ASD (see ``evaluate_acdc.py``).
 
 Loss: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(a) + L_CL(b))``
 with ``L_sup = CE + Dice`` on the labeled half of the batch and ``L_cross`` the CPS loss on
-the whole batch. Labels of model a's DACL term: ground truth on the labeled half; on the
-unlabeled half model b's argmax where its softmax confidence exceeds ``--phi``, else ignored
-(DESIGN.md 3.3); symmetric for model b.
+the whole batch. Everything after ``L_sup`` is the library's :class:`torch_dacl.DACLObjective`:
+labels of model a's DACL term are the ground truth on the labeled half and, on the unlabeled
+half, model b's confident argmax (``--pseudo-policy``, ``--pseudo-confidence``), else
+ignored; symmetric for model b. The DACL losses run from the first step (lambda_CL = 0 in
+the warm-up), so the memory banks are full when the term switches on.
 
 Examples::
 
@@ -61,6 +63,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist  # noqa: E402
 from acdc_data import (  # noqa: E402
+    CLASS_NAMES,
     LABELED_SLICES,
     NUM_CLASSES,
     ACDCDataError,
@@ -125,6 +128,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: <output-dir>/last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an output dir that holds an earlier run (its checkpoints, metrics and "
+                        "TensorBoard logs are deleted first); without it or --resume such a run is refused")
     g.add_argument("--stop-at", type=int, default=None,
                    help="stop after this step as if interrupted (continue with --resume)")
     g.add_argument("--log-every", type=int, default=10)
@@ -205,7 +211,7 @@ def make_config(args: argparse.Namespace) -> dict:
     for key in ("val_volumes", "test_volumes"):
         if cfg.get(key) == 0:
             cfg[key] = None
-    skip = {"resume", "stop_at", "output_dir", "data_root", "no_plot"}
+    skip = {"resume", "stop_at", "output_dir", "data_root", "no_plot", "overwrite"}
     for key, v in vars(args).items():
         if key not in cfg and key not in skip:
             cfg[key] = v
@@ -222,6 +228,48 @@ def make_config(args: argparse.Namespace) -> dict:
 
 def default_output_dir(cfg: dict) -> Path:
     return REPO_ROOT / "runs" / f"acdc_{cfg['method']}_{cfg['preset']}_seed{cfg['seed']}"
+
+
+RUN_OUTPUTS = ("metrics.json", "last.pt", "best.pt", "config.json", "test_slices.npz", "test_predictions.png")
+
+
+def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
+    """Refuse to train into a folder that holds an earlier run unless ``--resume`` or
+    ``--overwrite`` says what to do with it; ``--overwrite`` deletes its outputs (so that
+    TensorBoard does not mix the two runs)."""
+    earlier = [f for f in ("metrics.json", "last.pt") if (run_dir / f).exists()]
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{run_dir} already holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                              f"continue it, --overwrite to start over, or --output-dir for another folder")
+    if _dist.is_main():
+        import shutil
+
+        for name in RUN_OUTPUTS:
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    _dist.barrier()
+
+
+def startup_summary(cfg: dict, acdc_dir: Path, run_dir: Path, n_labeled: int, n_unlabeled: int, n_val: int,
+                    n_test: int, device) -> str:
+    """What this run will do, printed before the progress bar (every setting is in config.json)."""
+    evaluated = lambda limit, n: f"{limit} of {n}" if limit else f"all {n}"  # noqa: E731
+    threads = f", {torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else ""
+    return "\n".join([
+        f"ACDC {cfg['method']}, preset {cfg['preset']}, seed {cfg['seed']}",
+        f"  data    {acdc_dir}: {n_labeled} labeled + {n_unlabeled} unlabeled training slices "
+        f"({cfg['labeled_patients']} labeled patients); validation on {evaluated(cfg['val_volumes'], n_val)} "
+        f"val volumes, test on {evaluated(cfg['test_volumes'], n_test)} test volumes",
+        f"  device  {device}{threads}, amp {cfg['amp']}",
+        f"  config  {cfg['steps']} steps, {cfg['size']}x{cfg['size']}, batch {cfg['labeled_bs']}+{cfg['unlabeled_bs']}, "
+        f"{cfg['encoder']} U-Net, lr {cfg['lr']}, lambda_cross {cfg['lambda_cross']}"
+        + (f", lambda_CL {cfg['lambda_cl']} (0 for the first {cfg['warmup_steps']} steps), phi {cfg['phi']}, "
+           f"D {cfg['embed_dim']}, ks {list(cfg['ks'])}, bank {0 if cfg['no_bank'] else cfg['bank_size']}"
+           if cfg["method"] == "dacl" else ""),
+        f"  output  {run_dir} (config.json holds every setting)",
+    ])
 
 
 def build_objective(cfg: dict, heads=None) -> DACLObjective:
@@ -360,7 +408,8 @@ class Trainer:
             if cfg["method"] == "dacl":
                 logs["cl"] = res.cl_a + res.cl_b
                 if (self.step + 1) % cfg["log_every"] == 0 or self.step + 1 == cfg["steps"]:
-                    diag = {"step": self.step + 1, **DACLObjective.summarize(res.stats, CLASS_NAMES)}
+                    diag = {"step": self.step + 1,
+                            **DACLObjective.summarize(res.stats, ("background",) + tuple(CLASS_NAMES))}
                     every = cfg["grad_share_every"]
                     if every and (self.step + 1) % every == 0:
                         diag.update(gradient_share({"cl": res.cl_term, "sup": l_sup, "cross": res.cross_term},
@@ -394,8 +443,8 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
     t_start = time.time()
     acdc_dir = find_acdc_dir(resolve_data_root(cfg["data_root_arg"]))
     slices = read_list(acdc_dir, "train_slices.list")
-    read_list(acdc_dir, "val.list")
-    read_list(acdc_dir, "test.list")
+    val_cases = read_list(acdc_dir, "val.list")
+    test_listed = read_list(acdc_dir, "test.list")
     n_lab = cfg["labeled_slices"]
     if len(slices) <= n_lab:
         raise ACDCDataError(f"{str(acdc_dir / 'train_slices.list')!r} has {len(slices)} lines; "
@@ -426,6 +475,8 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         random.seed(_dist.rank_seed(cfg["seed"]))
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps({**cfg, "acdc_dir": str(acdc_dir)}, indent=2))
+        print(startup_summary(cfg, acdc_dir, run_dir, n_lab, len(slices) - n_lab, len(val_cases), len(test_listed),
+                              trainer.device), flush=True)
 
     ds = ACDCSlices(acdc_dir, cfg["size"], augment=True, cases=slices)
     sampler = TwoStreamBatchSampler(range(n_lab), range(n_lab, len(slices)), cfg["labeled_bs"], cfg["unlabeled_bs"],
@@ -446,6 +497,11 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         if trainer.step >= last:
             break
         vals = trainer.train_step(batch)
+        diag = vals.pop("_diag", None)
+        if main_rank and diag is not None:  # DACL's per-class diagnostics (and gradient share)
+            for k, v in diag.items():
+                if k != "step":
+                    writer.add_scalar(f"dacl/{k}", v, trainer.step)
         bar.update(1)
         bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k != "lr"}, refresh=False)
         if main_rank and (trainer.step % cfg["log_every"] == 0 or trainer.step == cfg["steps"]):
@@ -507,6 +563,7 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         "val_metric": "mean 3D Dice over classes 1-3 of model " + cfg["eval_model"],
         "reduced_evaluation": bool(cfg["val_volumes"] or cfg["test_volumes"]),
         "val_history": trainer.history,
+        "dacl_diagnostics": trainer.diagnostics,
         "test": strip_private(res),
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.time() - t_start, 1),
@@ -517,6 +574,10 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"run folder: {run_dir} (metrics.json, config.json, best.pt, last.pt, tb/, test_predictions.png)")
+    if cfg["preset"] == "smoke":
+        print(f"smoke preset: a pipeline check, not a result ({cfg['steps']} steps at {cfg['size']}x{cfg['size']} "
+              f"learn little beyond background, so Dice near 0 and a large HD95 are expected); "
+              f"use --preset quick (CPU) or --preset paper (GPU) for numbers")
     return metrics
 
 
@@ -524,6 +585,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = make_config(args)
     run_dir = args.output_dir or default_output_dir(cfg)
+    check_run_dir(Path(run_dir), args.resume, args.overwrite)
     if _dist.launched():  # torchrun: one process per rank (device cuda:LOCAL_RANK or cpu)
         cfg["device"] = str(_dist.setup(cfg["device"]))
         cfg["world_size"] = _dist.world_size()
@@ -537,5 +599,5 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         main()
-    except ACDCDataError as e:
+    except (ACDCDataError, FileExistsError) as e:
         sys.exit(f"error: {e}")

@@ -1,7 +1,8 @@
 """Tests of the ACDC example (examples/acdc_cps_dacl.py and its modules).
 
 Fast tests use a fake ACDC layout in ``tmp_path``; the slow test runs the ``smoke`` preset
-on the real data (``../shared/data/ACDC``, skipped when it is absent) exactly as CI and the
+on the real data (found by ``--data-root``, ``TORCH_DACL_DATA`` or ``../shared/data``, see
+conftest.py; skipped when it is absent) exactly as CI and the
 README do, and checks the metrics JSON.
 """
 
@@ -32,7 +33,6 @@ import acdc_plot  # noqa: E402
 import evaluate_acdc  # noqa: E402
 from acdc_data import ACDCDataError  # noqa: E402
 
-REAL_ACDC = REPO.parent / "shared" / "data" / "ACDC"
 
 
 # ----------------------------------------------------------------------------- fake data
@@ -218,10 +218,11 @@ def test_train_resume_is_exact_and_outputs(fake_root, tmp_path):
     resumed = acdc_cps_dacl.main(common + ["--output-dir", str(tmp_path / "b"), "--resume"])
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
-    for key in ("model", "dacl_a", "dacl_b", "ramp"):
+    for key in ("model", "objective"):
         for name, t in a[key].items():
             assert torch.equal(t, b[key][name]), (key, name)
-    assert int(b["dacl_a"]["bank.count"].sum()) > 0  # the memory bank was used and restored
+    assert int(b["objective"]["loss_a.bank.count"].sum()) > 0  # the memory bank was used and restored
+    assert a["diagnostics"] == b["diagnostics"] and a["diagnostics"]  # DACL's per-class diagnostics
     assert straight["test"]["mean"] == resumed["test"]["mean"]
     for f in ("config.json", "metrics.json", "best.pt", "last.pt", "test_slices.npz"):
         assert (tmp_path / "a" / f).is_file(), f
@@ -270,12 +271,10 @@ def _check_metrics(m: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_ACDC.is_dir(), reason="../shared/data/ACDC not available")
-def test_smoke_preset_on_real_data(tmp_path):
+def test_smoke_preset_on_real_data(tmp_path, acdc_dir):
     run = tmp_path / "run"
-    env = {**os.environ, "TORCH_DACL_DATA": str(REAL_ACDC.parent)}
-    r = subprocess.run([sys.executable, str(EXAMPLES / "acdc_cps_dacl.py"), "--preset", "smoke", "--output-dir", str(run)],
-                       capture_output=True, text=True, timeout=900, env=env)
+    r = subprocess.run([sys.executable, str(EXAMPLES / "acdc_cps_dacl.py"), "--preset", "smoke", "--output-dir", str(run),
+                        "--data-root", str(acdc_dir.parent)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     _check_metrics(m)
