@@ -19,8 +19,6 @@ pytest.importorskip("dynamic_network_architectures")
 
 import synapse_data as sd  # noqa: E402
 
-CHAOS_DIR = REPO.parent / "shared" / "data" / "CHAOS-T2"
-
 
 def _save_nifti(path: Path, arr_xyz: np.ndarray, spacing_xyz=(1.5, 1.0, 3.0)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,15 +96,18 @@ def test_generic_reader_percentile_norm_and_zoom(tmp_path):
         sd.read_generic_case(tmp_path, "2", normalization="zscore")
 
 
-def test_committed_splits():
+def test_committed_splits(request):
+    from conftest import data_root
+
     s2, s4 = sd.load_split("chaos_t2", 2), sd.load_split("chaos_t2", 4)
     assert len(s2["labeled"]) == 2 and len(s4["labeled"]) == 4 and set(s2["labeled"]) < set(s4["labeled"])
     assert len(s4["labeled"]) + len(s4["unlabeled"]) == 12 and len(s4["val"]) == 2 and len(s4["test"]) == 6
     every = s4["labeled"] + s4["unlabeled"] + s4["val"] + s4["test"]
     assert len(set(every)) == 20
     assert s4["classes"] == list(sd.CHAOS_CLASSES)
-    if CHAOS_DIR.exists():
-        assert set(every) == set(sd.list_generic_cases(CHAOS_DIR))
+    chaos = data_root(request.config) / "CHAOS-T2"
+    if chaos.is_dir():  # the split names every case of the real data, when it is here
+        assert set(every) == set(sd.list_generic_cases(chaos))
     syn = sd.load_split("synapse_dhc", 4)
     assert len(syn["labeled"]) + len(syn["unlabeled"]) == 20 and len(syn["test"]) == 6
     assert sd.load_split("synapse_dhc", 2)["labeled"] == ["0023", "0028"]
@@ -210,13 +211,12 @@ def test_plain_conv_unet_feature_hook_and_dacl_5d():
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-@pytest.mark.skipif(not CHAOS_DIR.exists(), reason="../shared/data/CHAOS-T2 is missing")
-def test_smoke_preset_end_to_end(tmp_path):
+def test_smoke_preset_end_to_end(tmp_path, chaos_dir):
     import synapse_cps_dacl as ex
 
     out = tmp_path / "run"
     m = ex.main(["--preset", "smoke", "--method", "dacl", "--dataset", "chaos", "--labeled", "2",
-                 "--data-root", str(CHAOS_DIR.parent), "--out", str(out), "--no-progress", "--device", "cpu"])
+                 "--data-root", str(chaos_dir.parent), "--out", str(out), "--no-progress", "--device", "cpu"])
     with open(out / "metrics.json") as f:
         saved = json.load(f)
     assert saved["test"]["mean_dice"] == pytest.approx(m["test"]["mean_dice"])

@@ -24,8 +24,6 @@ sys.path.insert(0, str(EXAMPLES))
 
 import _dist  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
-
 
 def _torchrun(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
@@ -69,13 +67,12 @@ def test_dist_helpers_are_noops_in_one_process():
 
 # ----------------------------------------------------------------------------- torchrun, real data
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "ACDC").is_dir(), reason="../shared/data/ACDC not available")
-def test_acdc_smoke_under_torchrun(tmp_path):
+def test_acdc_smoke_under_torchrun(tmp_path, acdc_dir):
     pytest.importorskip("segmentation_models_pytorch")
     pytest.importorskip("medpy")
     run = tmp_path / "run"
     r = _torchrun("acdc_cps_dacl.py", "--preset", "smoke", "--output-dir", str(run), "--threads", "1",
-                  "--data-root", str(DATA))
+                  "--data-root", str(acdc_dir.parent))
     out = r.stdout + r.stderr
     # rank 0 alone tests and writes: one result table, one "run folder" line
     assert out.count("run folder:") == 1 and out.count("ACDC test:") == 1, out[-3000:]
@@ -96,14 +93,13 @@ def test_acdc_smoke_under_torchrun(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DATA / "CHAOS-T2").is_dir(), reason="../shared/data/CHAOS-T2 not available")
-def test_synapse_smoke_under_torchrun(tmp_path):
+def test_synapse_smoke_under_torchrun(tmp_path, chaos_dir):
     pytest.importorskip("dynamic_network_architectures")
     pytest.importorskip("medpy")
     out_dir = tmp_path / "run"
     # the smoke preset's 1 + 1 patches cannot be split over 2 ranks: 2 + 2 globally, 1 + 1 per rank
     r = _torchrun("synapse_cps_dacl.py", "--preset", "smoke", "--out", str(out_dir), "--threads", "1",
-                  "--no-progress", "--batch-labeled", "2", "--batch-unlabeled", "2", "--data-root", str(DATA))
+                  "--no-progress", "--batch-labeled", "2", "--batch-unlabeled", "2", "--data-root", str(chaos_dir.parent))
     out = r.stdout + r.stderr
     assert out.count("test mean Dice") == 1, out[-3000:]
     m = json.loads((out_dir / "metrics.json").read_text())
