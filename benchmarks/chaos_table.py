@@ -54,7 +54,7 @@ def main() -> None:
                 if not (out / "metrics.json").is_file():
                     subprocess.run([sys.executable, str(EXAMPLE), "--preset", args.preset, "--method", method,
                                     "--labeled", str(args.labeled), "--seed", str(seed), "--out", str(out),
-                                    "--threads", str(args.threads), "--no-progress"], check=True, cwd=ROOT)
+                                    "--threads", str(args.threads), "--no-progress", "--resume"], check=True, cwd=ROOT)
     rows = []
     for method in args.methods:
         found = [json.loads(f.read_text()) for s in range(10)

@@ -252,6 +252,12 @@ def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None
     _dist.barrier()
 
 
+# the settings the start-up summary shows (all runs; DACL runs); config.json holds all of them
+SUMMARY_KEYS = (("steps", "size", "labeled_bs", "unlabeled_bs", "encoder", "lr", "lambda_cross"),
+                ("lambda_cl", "warmup_steps", "pseudo_policy", "pseudo_confidence", "reduction", "embed_dim", "ks",
+                 "no_bank", "bank_size", "sampling", "weighting", "anchor_mode"))
+
+
 def startup_summary(cfg: dict, acdc_dir: Path, run_dir: Path, n_labeled: int, n_unlabeled: int, n_val: int,
                     n_test: int, device) -> str:
     """What this run will do, printed before the progress bar (every setting is in config.json)."""
@@ -263,11 +269,8 @@ def startup_summary(cfg: dict, acdc_dir: Path, run_dir: Path, n_labeled: int, n_
         f"({cfg['labeled_patients']} labeled patients); validation on {evaluated(cfg['val_volumes'], n_val)} "
         f"val volumes, test on {evaluated(cfg['test_volumes'], n_test)} test volumes",
         f"  device  {device}{threads}, amp {cfg['amp']}",
-        f"  config  {cfg['steps']} steps, {cfg['size']}x{cfg['size']}, batch {cfg['labeled_bs']}+{cfg['unlabeled_bs']}, "
-        f"{cfg['encoder']} U-Net, lr {cfg['lr']}, lambda_cross {cfg['lambda_cross']}"
-        + (f", lambda_CL {cfg['lambda_cl']} (0 for the first {cfg['warmup_steps']} steps), phi {cfg['phi']}, "
-           f"D {cfg['embed_dim']}, ks {list(cfg['ks'])}, bank {0 if cfg['no_bank'] else cfg['bank_size']}"
-           if cfg["method"] == "dacl" else ""),
+        "  config  " + ", ".join(f"{k} {cfg[k]}" for k in SUMMARY_KEYS[0] + (SUMMARY_KEYS[1] if cfg["method"] == "dacl"
+                                                                              else ()) if k in cfg),
         f"  output  {run_dir} (config.json holds every setting)",
     ])
 
