@@ -85,7 +85,7 @@ if str(REPO_ROOT) not in sys.path:
 import _dist  # noqa: E402
 import synapse_data as sd  # noqa: E402
 import nnunet_data as nd  # noqa: E402
-from torch_dacl import CoTrainingWrapper, GaussianRampUp, SoftDensityContrastiveLoss  # noqa: E402
+from torch_dacl import CoTrainingWrapper, DACLObjective, gradient_share  # noqa: E402
 from torch_dacl.functional import gaussian_rampup  # noqa: E402
 
 # ----------------------------------------------------------------------------- presets
@@ -156,7 +156,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "volume budget)")
     p.add_argument("--out", default=None, help="output folder (default runs/synapse/<run name>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt if it exists")
-    p.add_argument("--threshold", type=float, default=0.9, help="phi: confidence for DACL pseudo labels")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output folder that holds an earlier run (its checkpoints, metrics and "
+                        "TensorBoard logs are deleted first); without it or --resume such a run is refused")
+    p.add_argument("--pseudo-policy", choices=("fixed", "class_fraction"), default="fixed",
+                   help="which unlabeled voxels get a pseudo label for DACL (see torch_dacl.functional.dacl_labels)")
+    p.add_argument("--pseudo-confidence", type=float, default=0.9,
+                   help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi)")
+    p.add_argument("--pseudo-fraction", type=float, default=0.5,
+                   help="share of each predicted class kept by --pseudo-policy class_fraction")
+    p.add_argument("--head-weight", type=float, default=None,
+                   help="projection heads learn from this times the DACL loss at every step (default: lambda_CL(t))")
+    p.add_argument("--grad-share-every", type=int, default=None,
+                   help="every N iterations, measure DACL's share of the gradient norm on the networks")
     p.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the DACL term (Eq. 1)")
     p.add_argument("--lambda-cross", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: the preset's)")
@@ -451,6 +463,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     run_name = f"{args.dataset}_{args.preset}_{args.method}_l{args.labeled}_s{args.seed}"
     out = Path(args.out) if args.out else REPO_ROOT / "runs" / "synapse" / run_name
+    earlier = [f for f in ("metrics.json", "last.pt") if (out / f).exists()]
+    if earlier and not args.resume:
+        if not args.overwrite:
+            raise SystemExit(f"error: {out} already holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                             f"continue it, --overwrite to start over, or --out for another folder")
+        if main_rank:  # --overwrite: nothing of the earlier run stays (TensorBoard would mix the two)
+            import shutil
+
+            for name in ("metrics.json", "last.pt", "best.pt", "test_slices.png"):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "tb", ignore_errors=True)
+        _dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
 
     if args.dataset == "nnunet":  # classes, channels, split, preprocessing and plan from the dataset folder
@@ -485,8 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     wrapper = wrapper.to(memory_format=mem_fmt)
     wrapper.example_memory_format = mem_fmt
     # DDP (no-op in one process); find_unused_parameters: PlainConvUNet without deep supervision
-    # never uses the segmentation layers of its lower decoder stages, and dacl skips the DACL
-    # call (so the heads are unused) while lambda_CL = 0; sup / cps train the nets only
+    # never uses the segmentation layers of its lower decoder stages; sup / cps train the nets only
     net = _dist.wrap_ddp(wrapper if args.method == "dacl" else _LogitsPair(wrapper), device,
                          find_unused_parameters=True)
     if _dist.is_dist():  # data, augmentation and DACL sampling differ per rank
@@ -494,15 +517,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if channels_last:  # DDP's note on the 1x1x1 kernels, whose strides differ in size-1 dims only
             import warnings
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    dacl_kw = dict(num_classes=num_classes, dim=cfg["embed_dim"], temperature=args.temperature, ks=(8, 16, 32),
-                   num_anchors=cfg["num_anchors"], num_positives=cfg["num_positives"],
-                   num_negatives=cfg["num_negatives"], bank_size=cfg["bank_size"], bank_source=args.bank_source,
-                   weighting="paper", max_samples_per_class=cfg["max_samples_per_class"], ignore_index=-100,
-                   validate=False, gather_distributed=_dist.is_dist())
-    dacl_a = SoftDensityContrastiveLoss(**dacl_kw).to(device)
-    dacl_b = SoftDensityContrastiveLoss(**dacl_kw).to(device)
     iters = cfg["iterations"]
-    ramp = GaussianRampUp(iters, max_weight=args.lambda_cl, warmup_steps=cfg["warmup_steps"])
+    # Eq. 1 beyond L_sup (the library's objective, shared with the 2D example): CPS, and for dacl
+    # one DACL loss per model on pseudo labels; it runs from the first step (banks full at warm-up's end)
+    objective = DACLObjective(
+        num_classes=num_classes, dim=cfg["embed_dim"], total_steps=iters, lambda_cl=args.lambda_cl,
+        lambda_cross=args.lambda_cross, warmup=cfg["warmup_steps"], contrastive=args.method == "dacl",
+        pseudo_policy=args.pseudo_policy, pseudo_confidence=args.pseudo_confidence,
+        pseudo_fraction=args.pseudo_fraction, head_weight=args.head_weight,
+        heads=(wrapper.head_a, wrapper.head_b) if args.head_weight is not None else None,
+        temperature=args.temperature, ks=(8, 16, 32), num_anchors=cfg["num_anchors"],
+        num_positives=cfg["num_positives"], num_negatives=cfg["num_negatives"], bank_size=cfg["bank_size"],
+        bank_source=args.bank_source, weighting="paper", max_samples_per_class=cfg["max_samples_per_class"],
+        ignore_index=-100, validate=False, gather_distributed=_dist.is_dist()).to(device)
+    shared_params = list(wrapper.model_a.parameters()) + list(wrapper.model_b.parameters())
+    diagnostics: list = []
     params = list(wrapper.model_a.parameters()) + list(wrapper.model_b.parameters())
     if args.method == "dacl":
         params += list(wrapper.head_a.parameters()) + list(wrapper.head_b.parameters())
@@ -517,9 +546,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         st = torch.load(ckpt_last, map_location=device, weights_only=False)
         wrapper.load_state_dict(st["wrapper"])
         opt.load_state_dict(st["optimizer"])
-        dacl_a.load_state_dict(st["dacl_a"])
-        dacl_b.load_state_dict(st["dacl_b"])
-        ramp.load_state_dict(st["ramp"])
+        objective.load_state_dict(st["objective"])
+        diagnostics = st.get("diagnostics", [])
         lab_sampler.load_state_dict(st["lab_sampler"])
         if unl_sampler is not None and st.get("unl_sampler"):
             unl_sampler.load_state_dict(st["unl_sampler"])
@@ -548,8 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     def checkpoint(it: int) -> dict:
         return {**({"ranks": rank_states} if rank_states else {}),
-                "wrapper": wrapper.state_dict(), "optimizer": opt.state_dict(), "dacl_a": dacl_a.state_dict(),
-                "dacl_b": dacl_b.state_dict(), "ramp": ramp.state_dict(), "lab_sampler": lab_sampler.state_dict(),
+                "wrapper": wrapper.state_dict(), "optimizer": opt.state_dict(), "objective": objective.state_dict(),
+                "diagnostics": diagnostics, "lab_sampler": lab_sampler.state_dict(),
                 "unl_sampler": unl_sampler.state_dict() if unl_sampler else None, "torch_rng": torch.get_rng_state(),
                 "iteration": it, "best": best, "history": history, "config": cfg, "args": _jsonable(vars(args))}
 
@@ -564,11 +592,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     strides, kernels = sd.plan_unet(cfg["patch"], spacing, cfg["n_stages"])
     ddp_note = f" on {_dist.world_size()} ranks ({bl}+{bu if unl_vols else 0} per rank)" if _dist.is_dist() else ""
     if main_rank:
-        print(f"{run_name}: {len(lab_vols)} labeled / {len(unl_vols)} unlabeled / {len(val_vols)} val volumes "
+        print(f"{run_name}: data {root}, {len(lab_vols)} labeled / {len(unl_vols)} unlabeled / {len(val_vols)} val / "
+              f"{len(test_ids)} test volumes "
               f"(shape of the first {lab_vols[0].image.shape}), patch {cfg['patch']}, "
               f"batch {cfg['batch_labeled']}+{cfg['batch_unlabeled'] if unl_vols else 0}{ddp_note}, "
               f"{iters} iterations, PlainConvUNet {list(cfg['features'])} strides {strides[1:]}, "
-              f"{sum(p.numel() for p in model_a.parameters())} parameters per model, device {device}, out {out}",
+              f"{sum(p.numel() for p in model_a.parameters())} parameters per model, lr {cfg['lr']}, "
+              f"lambda_cl {args.lambda_cl if args.method == 'dacl' else 0} (0 for {cfg['warmup_steps']} steps), "
+              f"device {device}, out {out}",
               flush=True)
     t_train = time.time()
     val_s = 0.0
@@ -593,38 +624,37 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         loss_sup = sup_loss(o.logits_a[:bl], yl, num_classes) + sup_loss(o.logits_b[:bl], yl, num_classes)
         loss = loss_sup
         logs["sup"] = loss_sup.item()
+        diag = None
         if args.method in ("cps", "dacl"):
-            loss_cross = wrapper.cross_loss(o.logits_a, o.logits_b)
             lam_cross = args.lambda_cross if not cfg["cross_rampup"] else gaussian_rampup(
                 it, cfg["cross_rampup"], max_weight=args.lambda_cross, warmup_steps=0)
-            loss = loss + lam_cross * loss_cross
-            logs["cross"] = loss_cross.item()
+            objective.lambda_cross = lam_cross  # this example ramps lambda_cross up (see the quick preset)
+            labeled = torch.arange(x.shape[0], device=device) < bl
+            y_full = torch.cat([yl, yl.new_zeros((x.shape[0] - bl,) + tuple(yl.shape[1:]))])  # unlabeled: unread
+            res = objective(o.logits_a.float(), o.logits_b.float(), getattr(o, "embeddings_a", None),
+                            getattr(o, "embeddings_b", None), y_full, labeled)
+            loss = loss + res.loss
+            logs["cross"] = res.cross.item()
             logs["lambda_cross"] = lam_cross
-        lam = ramp.value
-        if args.method == "dacl":
-            with torch.no_grad():
-                pa, pb = torch.softmax(o.logits_a.float(), 1), torch.softmax(o.logits_b.float(), 1)
-                ca, la_ = pa.max(1)
-                cb, lb_ = pb.max(1)
-                # labels for model a: GT on labeled patches, model b's confident argmax on unlabeled
-                lab_a = torch.where(cb > args.threshold, lb_, torch.full_like(lb_, -100))
-                lab_b = torch.where(ca > args.threshold, la_, torch.full_like(la_, -100))
-                lab_a[:bl] = yl
-                lab_b[:bl] = yl
-            if lam > 0:
-                # any float dtype: the loss gathers the sampled voxels and upcasts only those
-                l_cl = dacl_a(o.embeddings_a, lab_a) + dacl_b(o.embeddings_b, lab_b)
-                loss = loss + lam * l_cl
-                logs["cl"] = l_cl.item()
-            else:
-                logs["cl"] = 0.0
+            if args.method == "dacl":
+                logs["cl"] = (res.cl_a + res.cl_b).item()
+                diag = {"iteration": it + 1, **DACLObjective.summarize(res.stats, list(classes))}
+                if args.grad_share_every and (it + 1) % args.grad_share_every == 0:
+                    diag.update(gradient_share({"cl": res.cl_term, "sup": loss_sup, "cross": res.cross_term},
+                                               shared_params))
+        lam = objective.lambda_cl
         logs["lambda_cl"] = lam
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        ramp.step()
+        objective.step()
         logs["loss"] = loss.item()
+        if diag is not None and main_rank:
+            diagnostics.append(diag)
+            for k, v in diag.items():
+                if k != "iteration":
+                    writer.add_scalar(f"dacl/{k}", v, it + 1)
         logs = _dist.mean_scalars(logs)  # averaged over the ranks (unchanged in one process)
         step = it + 1
         for k, v in logs.items():
@@ -697,7 +727,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       "averaged, on the preprocessed (resampled) grid; medpy dc and asd per organ and case, mean over "
                       "cases; asd_vox in voxels, asd_mm with the grid's spacing; an organ missing from a prediction "
                       "has Dice 0 and no ASD (counted in asd_missing)",
-        "best_val": best, "history": history, "iterations": iters,
+        "best_val": best, "history": history, "dacl_diagnostics": diagnostics, "iterations": iters,
         "test": summary, "test_per_case": per_case,
         "wall_time_s": {"total": time.time() - t_start, "load": load_s, "train_and_val": train_s, "validation": val_s,
                         "test": test_s, "per_iteration": (train_s - val_s) / max(1, iters - start_it)},

@@ -232,18 +232,23 @@ class DACLObjective(nn.Module):
         self,
         logits_a: torch.Tensor,
         logits_b: torch.Tensor,
-        embeddings_a: torch.Tensor,
-        embeddings_b: torch.Tensor,
+        embeddings_a: Optional[torch.Tensor],
+        embeddings_b: Optional[torch.Tensor],
         labels: torch.Tensor,
         labeled: torch.Tensor,
     ) -> DACLObjectiveOutput:
-        """One step of Eq. 1 beyond :math:`\\mathcal{L}_{sup}` (see the class docstring)."""
+        """One step of Eq. 1 beyond :math:`\\mathcal{L}_{sup}` (see the class docstring).
+
+        The embeddings may be None with ``contrastive=False`` (plain CPS)."""
         lam = self.ramp.value
         cross = DF.cross_pseudo_supervision_loss(logits_a, logits_b)
         cross_term = self.lambda_cross * cross
         zero = cross.new_zeros(())
         if not self.contrastive:
             return DACLObjectiveOutput(cross_term, cross_term, zero, cross, zero, zero, lam, {})
+        if embeddings_a is None or embeddings_b is None:
+            raise ValueError("embeddings_a, embeddings_b: expected the two models' embeddings (N, D, *S), got None "
+                             "(only contrastive=False runs without them)")
         labeled = labeled.to(device=logits_a.device, dtype=torch.bool)
         ya, conf_a = self.labels_for(labels, labeled, logits_b)
         yb, conf_b = self.labels_for(labels, labeled, logits_a)
