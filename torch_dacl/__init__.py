@@ -3,6 +3,22 @@
 Standalone modules on a pure functional core (:mod:`torch_dacl.functional`) that add the
 DACL term to an existing semi-supervised segmentation loop, for 2D ``(N, C, H, W)`` and 3D
 ``(N, C, D, H, W)`` data.
+
+Public API (everything importable from ``torch_dacl``; the submodules are implementation):
+
+- ``SoftDensityContrastiveLoss``: the DACL loss, Eq. 2-10 end to end, with its memory bank.
+- ``DACLObjective``: everything of Eq. 1 beyond the supervised loss (CPS, two DACL losses,
+  the ramp-up, the pseudo labels); ``dacl_labels``, ``gradient_share``.
+- ``ClassMemoryBank``, ``MultiScaleDensity``, ``MaskedAveragePool``, ``GaussianRampUp``:
+  the building blocks (memory bank, Eq. 3-5, Eq. 2, Eq. 1's lambda_CL(t)).
+- ``CoTrainingWrapper``, ``SegmentationWithEmbeddings``, ``ProjectionHead``,
+  ``cross_pseudo_supervision_loss``: two networks with projection heads, L_cross.
+- ``torch_dacl.functional``: the math as pure functions; ``torch_dacl.distributed``: the
+  DDP helpers.
+
+Documentation: the ``docs/`` folder of the repository (build it with
+``python -m sphinx -b html docs docs/_build/html``): a paper-to-code map of every equation,
+the design decisions the paper leaves open, tutorials and the API reference.
 """
 
 from . import distributed, functional
