@@ -112,7 +112,7 @@ def collect(args) -> Dict:
                              wall_seconds=[r["wall_seconds"] for r in found],
                              paper_table1=PAPER_T1.get(patients, {}).get(variant),
                              paper_table2_dice=PAPER_T2.get(variant) if patients == 7 else None))
-    return dict(preset=args.preset, protocol="DESIGN.md section 4, reduced by the preset (see config.json of each run)",
+    return dict(preset=args.preset, protocol="docs: Design decisions, 4, reduced by the preset (see config.json of each run)",
                 command="python benchmarks/acdc_table.py " + " ".join(sys.argv[1:]), rows=rows,
                 paired=paired_differences(rows))
 

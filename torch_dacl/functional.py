@@ -2,7 +2,7 @@
 
 Equation numbers refer to the paper ("Neighbor Does Matter: Density-Aware Contrastive
 Learning for Medical Semi-supervised Segmentation", arXiv:2412.19871). The exact contracts
-are those of ``DESIGN.md`` section 1.
+are those of the docs' Design decisions page, section 1.
 
 Conventions
 -----------
@@ -12,7 +12,7 @@ Conventions
 * Every result is float32 whatever the input dtype; similarities and top-k run in float32
   with autocast disabled, gradients flow back to the input dtype.
 * Two layouts. *Flat* functions take ``(Q, D)`` vectors with ``(Q,)`` labels and are the
-  reference API of DESIGN.md. *Grouped* functions (``*_grouped``) take per-class padded
+  reference API (docs: Design decisions, 1). *Grouped* functions (``*_grouped``) take per-class padded
   tensors ``(C, S, D)`` with a validity mask ``(C, S)``; they have static shapes, no host
   synchronisation and compile with ``torch.compile(fullgraph=True)``. The flat functions
   group their input (one host synchronisation to size the padding) and call the grouped ones,
@@ -322,7 +322,7 @@ def knn_density(
     bank: Optional[torch.Tensor] = None,
     bank_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    r"""Multi-scale kNN feature density (Eq. 3-5), flat layout of DESIGN.md.
+    r"""Multi-scale kNN feature density (Eq. 3-5), flat layout (docs: Design decisions, 1).
 
     .. math:: d^k_v = \frac{1}{|NN_k(v)|}\sum_{r\in NN_k(v)} \tilde f_r^\top \tilde f_v,
               \qquad d_v = \frac{1}{|ks|}\sum_{k\in ks} d^k_v
@@ -334,7 +334,7 @@ def knn_density(
     Args:
         features: ``(Q, D)`` queries.
         labels: ``(Q,)`` int64 in ``[0, C)``.
-        ks: sequence of ints >= 1 (``(8, 16, 32)`` in the paper's setting, DESIGN.md 3.2).
+        ks: sequence of ints >= 1 (``(8, 16, 32)`` in the paper's setting; see docs: Design decisions, 3.2).
         bank: optional ``(C, L, D)`` class memory bank.
         bank_valid: optional ``(C, L)`` bool mask of filled bank slots.
 
@@ -497,7 +497,7 @@ def soft_density_contrastive_loss(
     include_positive: bool = False,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    r"""Soft density-guided contrastive loss (Eq. 9-10), flat layout of DESIGN.md.
+    r"""Soft density-guided contrastive loss (Eq. 9-10), flat layout (docs: Design decisions, 1).
 
     .. math::
         \mathcal{L}_{contra} = -\sum_{n}\sum_{m_i\in\mathcal{M}^n}

@@ -164,7 +164,7 @@ class SoftDensityContrastiveLoss(nn.Module):
     shared.
 
     Args:
-        num_classes: ``C`` (background counts as a class, DESIGN.md 3.3).
+        num_classes: ``C`` (background counts as a class; see docs: Design decisions, 3.3).
         dim: embedding dimension ``D``.
         temperature: :math:`\tau` of Eq. 10 (0.4).
         ks: kNN scales of Eq. 4 (``(8, 16, 32)``); ``(k,)`` for single scale (ablation III).

@@ -49,7 +49,7 @@ class MultiScaleDensity(nn.Module):
     density of ablation III.
 
     Args:
-        ks: neighbourhood sizes (DESIGN.md 3.2: ``(8, 16, 32)``).
+        ks: neighbourhood sizes (``(8, 16, 32)``; see docs: Design decisions, 3.2).
 
     Example:
         >>> density = MultiScaleDensity(ks=(2, 4))
