@@ -6,7 +6,8 @@ Build (from the repository root):
     python -m sphinx -b doctest docs docs/_build/doctest
 
 The build needs no network: intersphinx reads the inventories committed in ``_static/``
-(written by ``_scripts/make_inventories.py``).
+(written by ``_scripts/make_inventories.py``), and the pages need none either: MathJax is
+copied into the HTML from the ``sphinx-mathjax-offline`` package (the ``docs`` extra).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ extensions = [
     "sphinx.ext.intersphinx",
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax served from _static/mathjax: equations render offline
     "sphinx.ext.viewcode",
     "dacl_docs",
 ]
@@ -40,6 +42,9 @@ extensions = [
 exclude_patterns = ["_build", "_scripts", "_ext", "Thumbs.db", ".DS_Store"]
 templates_path: list = []
 html_static_path = ["_static"]
+html_css_files = ["dacl.css"]  # wide tables scroll instead of being clipped
+# Straight quotes and dashes: "--preset" must not become an en dash in commands and flag tables.
+smartquotes = False
 html_extra_path: list = []
 
 # ---------------------------------------------------------------- HTML

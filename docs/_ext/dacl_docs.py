@@ -63,6 +63,15 @@ def _para(text: str, cls: Optional[str] = None) -> nodes.paragraph:
     return p
 
 
+def _inline(text: str) -> nodes.paragraph:
+    """A paragraph of Markdown text whose `code spans` become literals (copyable commands)."""
+    p = nodes.paragraph()
+    for i, part in enumerate(text.split("`")):
+        if part:
+            p += nodes.literal(part, part) if i % 2 else nodes.Text(part)
+    return p
+
+
 def _note(text: str) -> nodes.note:
     n = nodes.note()
     n += _para(text)
@@ -165,7 +174,10 @@ def _row_lists(d: Dict[str, Any], prefix: str = "") -> Iterable[Tuple[str, List[
             yield from _row_lists(v, prefix + k + ".")
 
 
-def render_json(path: Path) -> List[nodes.Node]:
+def render_json(path: Path, values: Optional[Sequence[str]] = None) -> List[nodes.Node]:
+    """The tables of a result file: each list of rows as a table, then (unless ``values`` is
+    an empty sequence) the remaining scalar values as a key / value table, restricted to the
+    top-level keys in ``values`` when given."""
     data = json.loads(path.read_text())
     name = path.relative_to(REPO).as_posix()
     out: List[nodes.Node] = []
@@ -181,7 +193,8 @@ def render_json(path: Path) -> List[nodes.Node]:
         rest = {k: v for k, v in data.items() if k not in ("rows", "caption", "description", "note")}
     else:
         rest = {k: v for k, v in data.items() if k not in ("caption", "description", "note")}
-    leaves = list(_flatten(rest).items())
+    shown = rest if values is None else {k: v for k, v in rest.items() if k in values}
+    leaves = list(_flatten(shown).items())
     if leaves:
         out.append(_table(["key", "value"], leaves[:MAX_LEAVES], f"{name} (values)"))
         if len(leaves) > MAX_LEAVES:
@@ -213,7 +226,7 @@ def render_markdown(path: Path, docdir: Path) -> List[nodes.Node]:
 
     def flush():
         if para:
-            out.append(_para(" ".join(para)))
+            out.append(_inline(" ".join(para)))
             para.clear()
 
     while i < len(lines):
@@ -243,7 +256,7 @@ def render_markdown(path: Path, docdir: Path) -> List[nodes.Node]:
             flush()
             bullets = nodes.bullet_list()
             while i < len(lines) and lines[i].lstrip().startswith("- "):
-                bullets += nodes.list_item("", _para(lines[i].lstrip()[2:].strip()))
+                bullets += nodes.list_item("", _inline(lines[i].lstrip()[2:].strip()))
                 i += 1
             out.append(bullets)
             continue
@@ -474,11 +487,12 @@ class Comparison(SphinxDirective):
 
 # ----------------------------------------------------------------------------- results / figures
 class Results(SphinxDirective):
-    """``.. dacl-results:: <glob> [<glob> ...]`` with an optional ``:exclude:`` (globs)."""
+    """``.. dacl-results:: <glob> [<glob> ...]`` with an optional ``:exclude:`` (globs) and
+    ``:values:`` (the top-level keys of a JSON file whose scalar values are shown; default all)."""
 
     optional_arguments = 1
     final_argument_whitespace = True
-    option_spec = {"exclude": directives.unchanged}
+    option_spec = {"exclude": directives.unchanged, "values": directives.unchanged}
 
     def run(self):
         patterns = self.arguments[0].split() if self.arguments else ["benchmarks/results/*"]
@@ -500,7 +514,8 @@ class Results(SphinxDirective):
             self.env.note_dependency(str(p))
             out.append(nodes.rubric(text=p.relative_to(REPO).as_posix()))
             try:
-                out.extend(render_json(p) if p.suffix == ".json" else render_markdown(p, docdir))
+                values = self.options["values"].split() if "values" in self.options else None
+                out.extend(render_json(p, values) if p.suffix == ".json" else render_markdown(p, docdir))
             except (OSError, ValueError) as e:
                 out.append(_note(f"Could not read {p.name}: {e}"))
         return out
