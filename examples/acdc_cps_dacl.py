@@ -1,11 +1,16 @@
 """Semi-supervised cardiac segmentation on ACDC: supervised baseline, CPS, and CPS + DACL.
 
-Protocol (DESIGN.md section 4): SSL4MIS split; labeled = the first 68 (3 patients) or 136
+Protocol (see docs: Design decisions, 4): SSL4MIS split; labeled = the first 68 (3 patients) or 136
 (7 patients) lines of ``train_slices.list``, the rest unlabeled; two smp U-Nets trained by
 cross pseudo supervision (CPS); DACL adds one :class:`SoftDensityContrastiveLoss` per model
 (two memory banks) weighted by the Gaussian ramp-up of Eq. 1; SGD + poly decay; best
 checkpoint by mean val Dice; test on the test volumes slice by slice with 3D Dice, Jaccard,
 HD95 and ASD (see ``evaluate_acdc.py``).
+
+Your own data: ``--dataset-dir <nnU-Net raw folder>`` trains on it instead of ACDC (2D
+images, or 3D volumes cut into slices along ``--slice-axis``); classes, input channels,
+split (``--split``, ``--labeled`` count or fraction) from the folder (``nnunet_data.py``,
+docs/tutorials/own_data.rst).
 
 Loss: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(a) + L_CL(b))``
 with ``L_sup = CE + Dice`` on the labeled half of the batch and ``L_cross`` the CPS loss on
@@ -77,6 +82,7 @@ from acdc_data import (  # noqa: E402
 from acdc_model import build_wrapper  # noqa: E402
 from acdc_plot import render, save_slices, select_slices  # noqa: E402
 from evaluate_acdc import evaluate, format_table, strip_private  # noqa: E402
+import nnunet_data  # noqa: E402  (your own dataset: an nnU-Net raw folder, --dataset-dir)
 
 from torch_dacl import DACLObjective, gradient_share  # noqa: E402
 
@@ -119,6 +125,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g.add_argument("--data-root", default=None,
                    help="folder holding ACDC/ (default: $TORCH_DACL_DATA, else the cache of examples/get_data.py, "
                         "~/.cache/torch-dacl/data)")
+    g.add_argument("--dataset-dir", default=None,
+                   help="train on your own dataset: an nnU-Net raw folder (dataset.json, imagesTr/, labelsTr/; 2D "
+                        "images or 3D volumes cut into slices), instead of ACDC; see docs/tutorials/own_data.rst")
+    g.add_argument("--labeled", default=None,
+                   help="--dataset-dir: labeled training cases, a count or a fraction 0<x<1 (default: the split's "
+                        "labeled list, else a quarter)")
+    g.add_argument("--split", default=None, help="--dataset-dir: split JSON (train/val/test, optional labeled); "
+                                                 "default <dataset-dir>/split.json if present, else generated")
+    g.add_argument("--split-seed", type=int, default=0, help="--dataset-dir: seed of a generated split")
+    g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None,
+                   help="--dataset-dir with 3D volumes: the voxel axis (i, j, k = 0, 1, 2) to cut slices along "
+                        "(default: the coarsest-spacing axis)")
     g.add_argument("--output-dir", type=Path, default=None,
                    help="run folder (default: runs/acdc_<method>_<preset>_seed<seed> under the repository)")
     g.add_argument("--seed", type=int, default=0)
@@ -163,11 +181,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("DACL (paper defaults; ablation switches)")
     g.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
     g.add_argument("--warmup-steps", type=int, default=None,
-                   help="steps with lambda_CL = 0 (default: 1000 * steps / 30000, DESIGN.md 3.4)")
-    g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction"), default="fixed",
+                   help="steps with lambda_CL = 0 (default: 1000 * steps / 30000; see docs: Design decisions, 3.4)")
+    g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction", "class_prior"), default="fixed",
                    help="which unlabeled pixels get a pseudo label for DACL: fixed = confidence above "
                         "--pseudo-confidence; class_fraction = also the most confident --pseudo-fraction of each "
-                        "predicted class (reaches the small classes early)")
+                        "predicted class; class_prior = also, for each class, the unlabeled pixels most likely to be it, as many "
+                        "as --pseudo-fraction x its share of the labeled pixels (reaches classes not yet predicted)")
     g.add_argument("--pseudo-confidence", type=float, default=0.95,
                    help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi, see --mask-threshold)")
     g.add_argument("--pseudo-fraction", type=float, default=0.5, help="share of each predicted class kept by "
@@ -278,7 +297,7 @@ def startup_summary(cfg: dict, acdc_dir: Path, run_dir: Path, n_labeled: int, n_
 def build_objective(cfg: dict, heads=None) -> DACLObjective:
     """Eq. 1 beyond L_sup: CPS (``cps``) or CPS + one DACL loss per model (``dacl``)."""
     return DACLObjective(
-        num_classes=NUM_CLASSES, dim=cfg["embed_dim"], total_steps=cfg["steps"], lambda_cl=cfg["lambda_cl"],
+        num_classes=cfg.get("num_classes") or NUM_CLASSES, dim=cfg["embed_dim"], total_steps=cfg["steps"], lambda_cl=cfg["lambda_cl"],
         lambda_cross=cfg["lambda_cross"], warmup=cfg["warmup_steps"], contrastive=cfg["method"] == "dacl",
         pseudo_policy=cfg["pseudo_policy"], pseudo_confidence=cfg["pseudo_confidence"],
         pseudo_fraction=cfg["pseudo_fraction"], pixel_stride=cfg["cl_stride"], head_weight=cfg["head_weight"],
@@ -412,7 +431,8 @@ class Trainer:
                 logs["cl"] = res.cl_a + res.cl_b
                 if (self.step + 1) % cfg["log_every"] == 0 or self.step + 1 == cfg["steps"]:
                     diag = {"step": self.step + 1,
-                            **DACLObjective.summarize(res.stats, ("background",) + tuple(CLASS_NAMES))}
+                            **DACLObjective.summarize(res.stats, tuple(cfg.get("class_names")
+                                                                         or ("background",) + tuple(CLASS_NAMES)))}
                     every = cfg["grad_share_every"]
                     if every and (self.step + 1) % every == 0:
                         diag.update(gradient_share({"cl": res.cl_term, "sup": l_sup, "cross": res.cross_term},
@@ -444,14 +464,19 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
     from tqdm import tqdm
 
     t_start = time.time()
-    acdc_dir = find_acdc_dir(resolve_data_root(cfg["data_root_arg"]))
-    slices = read_list(acdc_dir, "train_slices.list")
-    val_cases = read_list(acdc_dir, "val.list")
-    test_listed = read_list(acdc_dir, "test.list")
-    n_lab = cfg["labeled_slices"]
-    if len(slices) <= n_lab:
-        raise ACDCDataError(f"{str(acdc_dir / 'train_slices.list')!r} has {len(slices)} lines; "
-                            f"{n_lab} labeled slices plus unlabeled ones are needed")
+    nn_prep = nnunet_data.open_2d(cfg, run_dir) if cfg.get("dataset_dir") else None
+    if nn_prep is not None:  # an nnU-Net raw folder: classes, channels, split and slices from it
+        acdc_dir, slices, n_lab = nn_prep, nn_prep.train_slices, nn_prep.train_slices.n_labeled
+        val_cases, test_listed = nn_prep.split["val"], nn_prep.split["test"]
+    else:
+        acdc_dir = find_acdc_dir(resolve_data_root(cfg["data_root_arg"]))
+        slices = read_list(acdc_dir, "train_slices.list")
+        val_cases = read_list(acdc_dir, "val.list")
+        test_listed = read_list(acdc_dir, "test.list")
+        n_lab = cfg["labeled_slices"]
+        if len(slices) <= n_lab:
+            raise ACDCDataError(f"{str(acdc_dir / 'train_slices.list')!r} has {len(slices)} lines; "
+                                f"{n_lab} labeled slices plus unlabeled ones are needed")
     run_dir.mkdir(parents=True, exist_ok=True)
     main_rank = _dist.is_main()
     if cfg["threads"]:
@@ -481,7 +506,7 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
         print(startup_summary(cfg, acdc_dir, run_dir, n_lab, len(slices) - n_lab, len(val_cases), len(test_listed),
                               trainer.device), flush=True)
 
-    ds = ACDCSlices(acdc_dir, cfg["size"], augment=True, cases=slices)
+    ds = slices if nn_prep is not None else ACDCSlices(acdc_dir, cfg["size"], augment=True, cases=slices)
     sampler = TwoStreamBatchSampler(range(n_lab), range(n_lab, len(slices)), cfg["labeled_bs"], cfg["unlabeled_bs"],
                                     num_steps=cfg["steps"], seed=cfg["seed"], start_step=trainer.step,
                                     rank=_dist.rank(), world_size=_dist.world_size())
@@ -543,7 +568,7 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
     best_path = run_dir / "best.pt"
     if best_path.is_file():
         trainer.wrapper.load_state_dict(torch.load(best_path, map_location=trainer.device, weights_only=False)["model"])
-    test_cases = read_list(acdc_dir, "test.list", check_files=False)
+    test_cases = list(test_listed) if nn_prep is not None else read_list(acdc_dir, "test.list", check_files=False)
     if cfg["test_volumes"]:
         test_cases = evenly_spaced(test_cases, cfg["test_volumes"])
     keep = evenly_spaced(test_cases, 4)
@@ -553,17 +578,20 @@ def run(cfg: dict, run_dir: Path, resume: Optional[str] = None, stop_at: Optiona
     sl = select_slices(res["_predictions"])
     save_slices(run_dir / "test_slices.npz", sl)
     if plot:
-        render([(f"{cfg['method']} prediction", sl)], run_dir / "test_predictions.png")
+        render([(f"{cfg['method']} prediction", sl)], run_dir / "test_predictions.png",
+               class_names=cfg.get("class_names"))
     for m, v in res["mean"].items():
         writer.add_scalar(f"test/{m}", v, trainer.step)
     writer.close()
-    n_val = len(read_list(acdc_dir, "val.list", check_files=False))
+    n_val = len(val_cases)
     metrics = {
         "method": cfg["method"], "preset": cfg["preset"], "seed": cfg["seed"],
         "labeled_patients": cfg["labeled_patients"], "labeled_slices": n_lab,
         "steps": trainer.step, "best_val_dice": trainer.best["val_dice"], "best_step": trainer.best["step"],
         "val_volumes": cfg["val_volumes"] or n_val, "val_volumes_in_split": n_val,
-        "val_metric": "mean 3D Dice over classes 1-3 of model " + cfg["eval_model"],
+        "val_metric": f"mean 3D Dice over classes 1-{(cfg.get('num_classes') or NUM_CLASSES) - 1} of model "
+                      + cfg["eval_model"],
+        "dataset": str(cfg["dataset_dir"]) if nn_prep is not None else "ACDC",
         "reduced_evaluation": bool(cfg["val_volumes"] or cfg["test_volumes"]),
         "val_history": trainer.history,
         "dacl_diagnostics": trainer.diagnostics,
@@ -602,5 +630,5 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         main()
-    except (ACDCDataError, FileExistsError) as e:
+    except (ACDCDataError, FileExistsError, nnunet_data.NnUNetDataError) as e:
         sys.exit(f"error: {e}")

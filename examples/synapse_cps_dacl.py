@@ -20,6 +20,12 @@ paper's absolute Synapse numbers are with V-Net; CPS vs DACL is compared here on
 
 Datasets (``--dataset``):
 
+* ``nnunet`` (the default with ``--dataset-dir``): your own dataset, any nnU-Net raw folder
+  (``dataset.json``, ``imagesTr/``, ``labelsTr/``; ``nnunet_data.py``): classes, names and
+  input channels from ``dataset.json``; split from ``--split`` / ``<dir>/split.json`` or
+  generated (``--split-seed``), saved in the run folder; ``--labeled`` a count or a
+  fraction; per-channel normalisation, resampling, patch and depth derived from the data
+  (saved in ``config.json``). See docs/tutorials/own_data.rst.
 * ``chaos``: CHAOS-T2 abdominal MRI (liver, kidneys, spleen) in a folder of
   ``image_<id>.nii.gz`` / ``label_<id>.nii.gz``; split ``examples/splits/chaos_t2.json``
   (12 train with 2 / 4 labeled, 2 val, 6 test). Percentile intensity normalisation.
@@ -159,7 +165,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an output folder that holds an earlier run (its checkpoints, metrics and "
                         "TensorBoard logs are deleted first); without it or --resume such a run is refused")
-    p.add_argument("--pseudo-policy", choices=("fixed", "class_fraction"), default="fixed",
+    p.add_argument("--pseudo-policy", choices=("fixed", "class_fraction", "class_prior"), default="fixed",
                    help="which unlabeled voxels get a pseudo label for DACL (see torch_dacl.functional.dacl_labels)")
     p.add_argument("--pseudo-confidence", type=float, default=0.9,
                    help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi)")
@@ -244,6 +250,7 @@ def prepare_nnunet(args, out: Path) -> dict:
         n = len(nd._poolings(cfg["patch"], prep.plan["target_spacing"], max_stages=cfg["n_stages"]))
         cfg["n_stages"], cfg["features"] = n, tuple(cfg["features"][:n])
     cfg["in_channels"] = prep.in_channels
+    args.labeled = len(prep.split["labeled"])  # the count this run uses (metrics, titles)
     cfg["nnunet"] = {**prep.summary(), "patch_used": list(cfg["patch"]), "n_stages_used": cfg["n_stages"]}
     args.prepared = prep
     if _dist.is_main():

@@ -306,3 +306,30 @@ def test_wrapper_names_layer_and_feature_channels():
         w(torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="in_channels"):
         ProjectionHead(4, 8)(torch.randn(1, 3, 2, 2))
+
+
+def test_class_prior_reaches_classes_never_predicted():
+    # background wins every pixel's argmax; RV/Myo/LV are never predicted, so the fixed and
+    # the class-fraction policies give them nothing; the prior policy gives each its top pixels
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(4, 4, 12, 12)
+    logits[:, 0] = 4.0
+    logits[:, 1:] = torch.rand(4, 3, 12, 12, generator=g) * 2
+    labels = torch.zeros(4, 12, 12, dtype=torch.long)
+    labels[:2, :3, :3], labels[:2, 4:8, 4:8], labels[:2, 9:, 9:] = 1, 2, 3
+    labeled = torch.tensor([True, True, False, False])
+    for policy in ("fixed", "class_fraction"):
+        y, _ = dacl_labels(labels, labeled, logits, policy, confidence=0.99)
+        assert not set(y[2:].unique().tolist()) & {1, 2, 3}
+    y, conf = dacl_labels(labels, labeled, logits, "class_prior", confidence=0.99, fraction=0.5)
+    probs = logits.softmax(1)
+    unl = 2 * 12 * 12
+    for c, area in ((1, 9), (2, 16), (3, 9)):
+        mine = y[2:] == c
+        need = math.ceil(0.5 * (2 * area / (2 * 144)) * unl)
+        # about `need` pixels: fewer where another class claims a pixel, more by ties in the cut's bin
+        assert 1 <= int(mine.sum()) <= 2 * need
+        # they are the top end of p_c among the pixels left to background (up to one 1/1000 bin)
+        p = probs[2:, c]
+        assert float(p[mine].min()) >= float(p[y[2:] == 0].max()) - 1e-3
+    assert torch.equal(conf[:2], torch.zeros_like(conf[:2]))

@@ -591,7 +591,7 @@ def gaussian_rampup(step: float, total_steps: float, max_weight: float = 0.1, wa
 
 
 # ----------------------------------------------------------------------------- DACL labels
-PSEUDO_POLICIES = ("fixed", "class_fraction")
+PSEUDO_POLICIES = ("fixed", "class_fraction", "class_prior")
 
 
 def dacl_labels(
@@ -618,6 +618,14 @@ def dacl_labels(
       confident on background first); this keeps every predicted class represented. The
       per-class cut is taken on a ``num_bins``-bin confidence histogram (vectorised, no host
       synchronisation; pixels tied in the cut's bin are all kept).
+    - ``"class_prior"``: for a class the other model does not (yet) predict anywhere, neither
+      policy above gives a pixel. This one expects each class to cover about the share of
+      pixels it has in the batch's *labeled* images (:math:`\pi_c`), and labels as ``c`` the
+      ``fraction`` :math:`\times\,\pi_c \times U` unlabeled pixels with the highest
+      probability of ``c`` (:math:`U` unlabeled pixels; histogram cut as above). A pixel that
+      several classes claim takes the one whose probability exceeds its cut the most
+      (:math:`p_c / t_c`); pixels no class claims keep the ``"fixed"`` rule. Needs at least one
+      labeled sample in the batch (else it is ``"fixed"``).
 
     The confidence threshold is named apart from Eq. 2's :math:`\phi` (the prototype mask
     threshold, ``threshold`` of :class:`~torch_dacl.SoftDensityContrastiveLoss`).
@@ -626,9 +634,10 @@ def dacl_labels(
         labels: ``(N, *S)`` integer ground truth; rows of unlabeled samples are not read.
         labeled: ``(N,)`` bool, which samples are labeled.
         logits_other: ``(N, C, *S)`` logits of the other model (detached inside).
-        policy: ``"fixed"`` or ``"class_fraction"``.
+        policy: ``"fixed"``, ``"class_fraction"`` or ``"class_prior"``.
         confidence: the fixed confidence threshold in ``[0, 1]``.
-        fraction: with ``"class_fraction"``, share of each predicted class kept, ``(0, 1]``.
+        fraction: with ``"class_fraction"``, share of each predicted class kept; with
+            ``"class_prior"``, share of each class's expected pixel count labeled; ``(0, 1]``.
         ignore_index: value of pixels that take no part.
         num_bins: histogram resolution of the per-class cut.
 
@@ -675,10 +684,38 @@ def dacl_labels(
             cut = (at_or_above >= need.unsqueeze(1)).sum(1) - 1  # (C,) highest bin that keeps enough
             keep |= (bins >= cut[pred]) & (need[pred] > 0)
         lab = labeled.to(torch.bool).view((n,) + (1,) * len(spatial))
+        if policy == "class_prior":
+            pred, keep = _class_prior_labels(logits_other, labels, lab, pred, keep, fraction, num_bins)
         confident = keep & ~lab
         pseudo = torch.where(confident, pred, torch.full_like(pred, ignore_index))
         out = torch.where(lab, labels.long(), pseudo)
     return out, confident
+
+
+def _class_prior_labels(logits, labels, lab, pred, keep, fraction, num_bins):
+    """The ``"class_prior"`` rule of :func:`dacl_labels`: ``(pred, keep)`` updated."""
+    n, c = logits.shape[:2]
+    probs = logits.detach().float().softmax(1)  # (N, C, *S)
+    unl = ~lab.expand_as(pred)
+    lab_px = lab.expand_as(pred) & (labels >= 0) & (labels < c)
+    idx = torch.where(lab_px, labels.long(), torch.full_like(pred, c)).reshape(-1)
+    counts = torch.zeros(c + 1, device=probs.device).scatter_add_(0, idx, torch.ones_like(idx, dtype=torch.float32))[:c]
+    prior = counts / counts.sum().clamp_min(1.0)
+    need = (prior * unl.sum().float() * fraction).ceil()  # (C,) pixels to label as each class
+    bins = (probs * num_bins).long().clamp_(0, num_bins - 1)  # (N, C, *S)
+    cls = torch.arange(c, device=probs.device).view((1, c) + (1,) * (pred.dim() - 1))
+    flat = torch.where(unl.unsqueeze(1), cls * num_bins + bins, torch.full_like(bins, c * num_bins)).reshape(-1)
+    hist = torch.zeros(c * num_bins + 1, device=probs.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float32))[:-1].view(c, num_bins)
+    at_or_above = hist.flip(1).cumsum(1).flip(1)
+    cut = (at_or_above >= need.unsqueeze(1)).sum(1) - 1  # (C,) lowest bin of each class's top pixels
+    view = (1, c) + (1,) * (pred.dim() - 1)
+    claims = (bins >= cut.view(view)) & (need > 0).view(view) & (cut >= 0).view(view)
+    ratio = torch.where(claims, probs / ((cut.clamp_min(0) + 1).float() / num_bins).view(view),
+                        torch.full_like(probs, -1.0))
+    best_ratio, best = ratio.max(1)
+    claimed = best_ratio >= 0
+    return torch.where(claimed, best, pred), keep | claimed
 
 
 # ----------------------------------------------------------------------------- L_cross
