@@ -18,6 +18,9 @@ Three on-disk layouts are read into one in-memory form, a :class:`Volume` with a
   are normalised per volume by percentiles (clip to the 0.5 / 99.5 percentiles, then
   min-max to ``[0, 1]``); an optional in-plane zoom shrinks the volume for CPU runs.
 
+Any other dataset (and these three, converted by ``convert_to_nnunet.py``) is read in
+nnU-Net's raw format by ``nnunet_data``, which builds the same :class:`Volume` objects.
+
 Nothing here depends on torch_dacl: the library is used by ``synapse_cps_dacl.py``.
 """
 
@@ -55,7 +58,9 @@ class Volume:
 
     Attributes:
         case_id: the id used in split files.
-        image: float32 ``(Z, Y, X)`` in ``[0, 1]``.
+        image: float32 ``(Z, Y, X)`` (in ``[0, 1]`` for the btcv / dhc_npy / generic readers;
+            z-scored for nnU-Net datasets, see ``nnunet_data``), or ``(C, Z, Y, X)`` for a
+            case with several input channels.
         label: uint8 ``(Z, Y, X)`` (0 = background), or None for an unlabeled case.
         spacing: voxel size ``(z, y, x)`` in mm of the arrays as stored here (after any
             resize), or None when unknown (DHC npy files carry no spacing).
@@ -259,7 +264,9 @@ def load_split(name: str, labeled: int) -> Dict[str, List[str]]:
 class PatchSampler:
     """Random ``(Z, Y, X)`` patches from in-memory volumes, nnU-Net style.
 
-    Volumes smaller than the patch are zero-padded (labels padded with 0). With
+    Images are ``(Z, Y, X)`` or ``(C, Z, Y, X)`` (several input channels; every volume of a
+    sampler has the same number). Volumes smaller than the patch are zero-padded (labels
+    padded with 0). With
     probability ``foreground_prob`` (nnU-Net: 1/3) a labeled patch is centred on a random
     foreground voxel of a random present class; otherwise the corner is uniform.
     Augmentation (training only): random flips along ``flip_axes`` (by default Z and Y only:
@@ -301,9 +308,10 @@ class PatchSampler:
         self.rng.bit_generator.state = state["rng"]
 
     def _crop(self, arr: np.ndarray, start: Sequence[int], fill=0) -> np.ndarray:
-        out = np.full(self.patch, fill, dtype=arr.dtype)
-        src, dst = [], []
-        for s, p, n in zip(start, self.patch, arr.shape):
+        """Crop the last three axes (leading channel axes are kept)."""
+        out = np.full(arr.shape[:-3] + self.patch, fill, dtype=arr.dtype)
+        src, dst = [Ellipsis], [Ellipsis]
+        for s, p, n in zip(start, self.patch, arr.shape[-3:]):
             a, b = max(s, 0), min(s + p, n)
             src.append(slice(a, b))
             dst.append(slice(a - s, b - s))
@@ -313,7 +321,7 @@ class PatchSampler:
     def sample_one(self) -> Tuple[np.ndarray, np.ndarray]:
         i = int(self.rng.integers(len(self.volumes)))
         v = self.volumes[i]
-        shape = v.image.shape
+        shape = v.image.shape[-3:]
         fg = self._fg[i]
         if fg and self.rng.random() < self.foreground_prob:
             c = list(fg)[int(self.rng.integers(len(fg)))]
@@ -330,7 +338,7 @@ class PatchSampler:
         if self.augment:
             for ax in self.flip_axes:
                 if self.rng.random() < 0.5:
-                    img, lab = np.flip(img, ax), np.flip(lab, ax)
+                    img, lab = np.flip(img, ax - 3), np.flip(lab, ax - 3)
             if self.rng.random() < 0.5:
                 img = img * self.rng.uniform(0.9, 1.1) + self.rng.uniform(-0.1, 0.1)
             if self.rng.random() < 0.2:
@@ -338,9 +346,11 @@ class PatchSampler:
         return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(lab, dtype=np.int64)
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 1, *patch)`` float32 images and ``(B, *patch)`` int64 labels."""
+        """``(B, C, *patch)`` float32 images (C = 1 for ``(Z, Y, X)`` volumes) and ``(B, *patch)`` int64 labels."""
         pairs = [self.sample_one() for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        if x.dim() == 4:
+            x = x[:, None]
         y = torch.from_numpy(np.stack([p[1] for p in pairs]))
         return x, y
 
@@ -386,18 +396,22 @@ def sliding_window_inference(predict: Callable[[torch.Tensor], torch.Tensor], im
     weights. Volumes smaller than the patch are zero-padded and cropped back.
 
     Args:
-        predict: maps ``(B, 1, *patch)`` to logits ``(B, C, *patch)``.
-        image: ``(Z, Y, X)``, ``(1, Z, Y, X)`` or ``(1, 1, Z, Y, X)``.
+        predict: maps ``(B, C_in, *patch)`` to logits ``(B, C, *patch)``.
+        image: ``(Z, Y, X)`` (one channel), ``(C_in, Z, Y, X)`` or ``(1, C_in, Z, Y, X)``.
 
     Returns:
         ``(C, Z, Y, X)`` float32 probabilities (they sum to 1 over C).
     """
-    while image.dim() > 3:
+    if image.dim() == 5:
         if image.shape[0] != 1:
-            raise ValueError(f"image: expected one single-channel volume, got shape {tuple(image.shape)}")
+            raise ValueError(f"image: expected one volume, got shape {tuple(image.shape)}")
         image = image[0]
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4:
+        raise ValueError(f"image: expected (Z, Y, X) or (C, Z, Y, X), got shape {tuple(image.shape)}")
     patch = tuple(int(p) for p in patch_size)
-    shape = tuple(image.shape)
+    shape = tuple(image.shape[1:])
     pad = [max(p - n, 0) for p, n in zip(patch, shape)]
     if any(pad):
         before = [q // 2 for q in pad]
@@ -407,7 +421,7 @@ def sliding_window_inference(predict: Callable[[torch.Tensor], torch.Tensor], im
         image = F.pad(image, padspec)
     else:
         before = [0, 0, 0]
-    full = tuple(image.shape)
+    full = tuple(image.shape[1:])
     dev = image.device
     w = gaussian_importance_map(patch, sigma_scale, device=dev) if gaussian else torch.ones(patch, device=dev)
     acc = torch.zeros((num_classes,) + full, dtype=torch.float32, device=dev)
@@ -417,7 +431,7 @@ def sliding_window_inference(predict: Callable[[torch.Tensor], torch.Tensor], im
                for x in _starts(full[2], patch[2], step)]
     for i in range(0, len(corners), batch_size):
         chunk = corners[i:i + batch_size]
-        tiles = torch.stack([image[z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])[:, None]
+        tiles = torch.stack([image[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])
         probs = torch.softmax(predict(tiles).float(), dim=1)
         if probs.shape[1] != num_classes:
             raise ValueError(f"predict: expected {num_classes} channels, got shape {tuple(probs.shape)}")
