@@ -13,7 +13,7 @@ from torch_dacl import CoTrainingWrapper
 __all__ = ["build_unet", "build_wrapper", "predict_logits"]
 
 
-def build_unet(encoder: str, decoder_channels: Sequence[int], num_classes: int = 4) -> nn.Module:
+def build_unet(encoder: str, decoder_channels: Sequence[int], num_classes: int = 4, in_channels: int = 1) -> nn.Module:
     """An smp U-Net with random weights (``encoder_weights=None``: nothing is downloaded).
 
     ``encoder_depth`` follows ``len(decoder_channels)``; the decoder output (the feature map
@@ -23,17 +23,19 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], num_classes: int =
         warnings.simplefilter("ignore")  # smp/timm deprecation chatter
         import segmentation_models_pytorch as smp
 
-        return smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=num_classes,
+        return smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=num_classes,
                         encoder_depth=len(decoder_channels), decoder_channels=tuple(decoder_channels))
 
 
 def build_wrapper(cfg: dict) -> CoTrainingWrapper:
     """The co-training pair of a run configuration (keys ``encoder``, ``decoder_channels``,
-    ``embed_dim``, ``seed``); the two nets get different initialisations (CPS needs that)."""
+    ``embed_dim``, ``seed``; ``num_classes`` / ``in_channels`` for an nnU-Net dataset, default
+    ACDC's 4 / 1); the two nets get different initialisations (CPS needs that)."""
     torch.manual_seed(int(cfg.get("seed", 0)))
     dec = list(cfg["decoder_channels"])
-    a = build_unet(cfg["encoder"], dec)
-    b = build_unet(cfg["encoder"], dec)
+    k, c = int(cfg.get("num_classes") or 4), int(cfg.get("in_channels") or 1)
+    a = build_unet(cfg["encoder"], dec, k, c)
+    b = build_unet(cfg["encoder"], dec, k, c)
     return CoTrainingWrapper(a, b, feature_layer="decoder", feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]))
 
 

@@ -54,8 +54,12 @@ def load_slices(path: Path) -> Dict[str, dict]:
     return out
 
 
-def render(runs: Sequence[Tuple[str, Dict[str, dict]]], out: Path, max_rows: int = 4) -> Path:
-    """One row per slice: image, ground truth, then each run's prediction (overlays)."""
+def render(runs: Sequence[Tuple[str, Dict[str, dict]]], out: Path, max_rows: int = 4,
+           class_names: Optional[Sequence[str]] = None) -> Path:
+    """One row per slice: image, ground truth, then each run's prediction (overlays).
+
+    ``class_names`` (background first; an nnU-Net dataset's classes) picks one colour per
+    class; without it, ACDC's RV / Myo / LV colours."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,6 +69,14 @@ def render(runs: Sequence[Tuple[str, Dict[str, dict]]], out: Path, max_rows: int
     if not keys:
         raise ValueError("the runs share no test slice (they were evaluated on different test volumes)")
     ref = runs[0][1]
+    colors, legend = COLORS, "ACDC test slices (red RV, green Myo, blue LV)"
+    if class_names is not None:
+        import matplotlib.colors as mcolors
+
+        tab = ["blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan"]
+        names = [tab[i % 10] for i in range(len(class_names) - 1)]
+        colors = np.array([[0, 0, 0, 0]] + [mcolors.to_rgba(f"tab:{c}", 0.5) for c in names])
+        legend = "test slices (" + ", ".join(f"{c} {n}" for c, n in zip(names, class_names[1:])) + ")"
     cols = 2 + len(runs)
     fig, axes = plt.subplots(len(keys), cols, figsize=(2.6 * cols, 2.6 * len(keys)), squeeze=False)
     for r, key in enumerate(keys):
@@ -75,14 +87,14 @@ def render(runs: Sequence[Tuple[str, Dict[str, dict]]], out: Path, max_rows: int
             ax = axes[r, c]
             ax.imshow(img, cmap="gray")
             if lab is not None:
-                ax.imshow(COLORS[np.clip(lab, 0, 3)], interpolation="nearest")
+                ax.imshow(colors[np.clip(lab, 0, len(colors) - 1)], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
             if c == 0:
                 ax.set_ylabel(key, fontsize=7)
-    fig.suptitle("ACDC test slices (red RV, green Myo, blue LV)", fontsize=10)
+    fig.suptitle(legend, fontsize=10)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)

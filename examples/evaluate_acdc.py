@@ -1,6 +1,6 @@
 """Evaluate an ACDC segmenter on val/test volumes: 3D Dice, Jaccard, HD95, ASD (medpy).
 
-Protocol (DESIGN.md section 4): each volume is predicted slice by slice (every slice resized
+Protocol (see docs: Design decisions, 4): each volume is predicted slice by slice (every slice resized
 to the training input size, predicted, the logits resized back to the slice's original size
 bilinearly, then argmax); per volume and per class 1..3 (RV, Myo, LV) the 3D metrics are
 computed with ``medpy.metric.binary`` in voxel units (no spacing); the mean is taken over
@@ -48,18 +48,20 @@ EMPTY_CONVENTION = ("both empty: dice=jaccard=1, hd95=asd=0; exactly one empty: 
                     "hd95=asd=volume diagonal in voxels (worst case)")
 
 
-def case_metrics(pred: np.ndarray, gt: np.ndarray, full: bool = True) -> Dict[str, object]:
+def case_metrics(pred: np.ndarray, gt: np.ndarray, full: bool = True, num_classes: int = NUM_CLASSES
+                 ) -> Dict[str, object]:
     """Per-class metrics of one volume. ``pred``, ``gt``: ``(Z, H, W)`` int label maps.
 
     Returns ``{"dice": [c1, c2, c3], "jaccard": [...], "hd95": [...], "asd": [...],
-    "empty": int}`` (only ``dice`` and ``empty`` when ``full`` is False).
+    "empty": int}`` (only ``dice`` and ``empty`` when ``full`` is False); one entry per class
+    ``1..num_classes-1``.
     """
     from medpy.metric import binary as mb
 
     diag = float(math.sqrt(sum(s * s for s in gt.shape)))
     res: Dict[str, list] = {m: [] for m in (METRICS if full else ("dice",))}
     empty = 0
-    for c in range(1, NUM_CLASSES):
+    for c in range(1, num_classes):
         p, g = pred == c, gt == c
         ps, gs = bool(p.any()), bool(g.any())
         if ps and gs:
@@ -81,11 +83,13 @@ def case_metrics(pred: np.ndarray, gt: np.ndarray, full: bool = True) -> Dict[st
 @torch.no_grad()
 def predict_volume(wrapper, image: np.ndarray, size: int, device: torch.device, which: str = "a",
                    amp_dtype: Optional[torch.dtype] = None, batch: int = 32) -> np.ndarray:
-    """Predict ``image (Z, H, W)`` slice by slice at ``size x size``; returns ``(Z, H, W)`` int64."""
-    z, h, w = image.shape
+    """Predict ``image (Z, H, W)`` (or ``(Z, C, H, W)``, several channels) slice by slice at
+    ``size x size``; returns ``(Z, H, W)`` int64."""
+    z, h, w = image.shape[0], image.shape[-2], image.shape[-1]
     preds = []
     for s in range(0, z, batch):
-        x = torch.from_numpy(np.ascontiguousarray(image[s:s + batch])).float().unsqueeze(1).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(image[s:s + batch])).float()
+        x = (x.unsqueeze(1) if x.dim() == 3 else x).to(device)
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = predict_logits(wrapper, x, which)
@@ -103,7 +107,10 @@ def evaluate(wrapper, acdc_dir: Path, split: str, size: int, device: torch.devic
     """
     was_training = wrapper.training
     wrapper.eval()
-    ds = ACDCVolumes(acdc_dir, split, limit=limit)
+    # acdc_dir: the ACDC folder, or a prepared nnU-Net dataset (nnunet_data.Prepared: its volumes and classes)
+    source = acdc_dir if hasattr(acdc_dir, "volumes") else None
+    ds = source.volumes(split, limit) if source is not None else ACDCVolumes(acdc_dir, split, limit=limit)
+    class_names = list(source.class_names[1:]) if source is not None else list(CLASS_NAMES)
     t0 = time.time()
     per_case: Dict[str, dict] = {}
     kept: Dict[str, dict] = {}
@@ -115,19 +122,22 @@ def evaluate(wrapper, acdc_dir: Path, split: str, size: int, device: torch.devic
     for i in it:
         item = ds[i]
         pred = predict_volume(wrapper, item["image"], size, device, which, amp_dtype)
-        per_case[item["name"]] = case_metrics(pred, item["label"], full=full)
-        if item["name"] in keep_predictions:
-            kept[item["name"]] = {"image": item["image"], "label": item["label"], "pred": pred}
+        per_case[item["name"]] = case_metrics(pred, item["label"], full=full, num_classes=len(class_names) + 1)
+        if item["name"] in keep_predictions:  # (the first channel of a multi-channel image)
+            img = item["image"] if item["image"].ndim == 3 else item["image"][:, 0]
+            kept[item["name"]] = {"image": img, "label": item["label"], "pred": pred}
     wrapper.train(was_training)
     names = list(METRICS if full else ("dice",))
     arr = {m: np.array([per_case[c][m] for c in per_case], dtype=np.float64) for m in names}  # (V, 3)
-    per_class = {m: {CLASS_NAMES[k]: float(arr[m][:, k].mean()) for k in range(NUM_CLASSES - 1)} for m in names}
+    per_class = {m: {class_names[k]: float(arr[m][:, k].mean()) for k in range(len(class_names))} for m in names}
     mean = {m: float(arr[m].mean(0).mean()) for m in names}
     std_over_cases = {m: float(arr[m].mean(1).std()) for m in names}
     return {
         "split": split,
         "num_volumes": len(ds),
-        "num_volumes_in_split": len(ACDCVolumes(acdc_dir, split).cases),
+        "num_volumes_in_split": len((source.volumes(split) if source is not None else ACDCVolumes(acdc_dir, split)).cases),
+        "dataset": source.info.name if source is not None else "ACDC",
+        "class_names": class_names,
         "cases": list(ds.cases),
         "model": which,
         "input_size": size,
@@ -146,13 +156,15 @@ def evaluate(wrapper, acdc_dir: Path, split: str, size: int, device: torch.devic
 def format_table(result: dict) -> str:
     """A plain-text table: rows RV / Myo / LV / mean, columns Dice, Jaccard, HD95, ASD."""
     names = [m for m in METRICS if m in result["mean"]]
-    head = f"{'class':<6}" + "".join(f"{m:>10}" for m in names)
-    lines = [f"ACDC {result['split']}: {result['num_volumes']}/{result['num_volumes_in_split']} volumes, "
+    classes = result.get("class_names", CLASS_NAMES)
+    wc = max([6] + [len(c) + 1 for c in classes])
+    head = f"{'class':<{wc}}" + "".join(f"{m:>10}" for m in names)
+    lines = [f"{result.get('dataset', 'ACDC')} {result['split']}: {result['num_volumes']}/{result['num_volumes_in_split']} volumes, "
              f"model {result['model']}, input {result['input_size']}", head, "-" * len(head)]
     scale = {"dice": 100.0, "jaccard": 100.0, "hd95": 1.0, "asd": 1.0}
-    for cname in CLASS_NAMES:
-        lines.append(f"{cname:<6}" + "".join(f"{result['per_class'][m][cname] * scale[m]:>10.2f}" for m in names))
-    lines.append(f"{'mean':<6}" + "".join(f"{result['mean'][m] * scale[m]:>10.2f}" for m in names))
+    for cname in classes:
+        lines.append(f"{cname:<{wc}}" + "".join(f"{result['per_class'][m][cname] * scale[m]:>10.2f}" for m in names))
+    lines.append(f"{'mean':<{wc}}" + "".join(f"{result['mean'][m] * scale[m]:>10.2f}" for m in names))
     lines.append("(Dice, Jaccard in %; HD95, ASD in voxels)")
     return "\n".join(lines)
 
@@ -184,7 +196,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
         p.error(f"checkpoint {str(args.checkpoint)!r} does not exist")
     device = torch.device(args.device)
     wrapper, cfg, _ = load_wrapper(args.checkpoint, device)
-    acdc = find_acdc_dir(resolve_data_root(args.data_root or cfg.get("data_root_arg")))
+    if cfg.get("dataset_dir"):  # a run on an nnU-Net raw folder: that folder with the run's split
+        import nnunet_data
+
+        acdc = nnunet_data.prepare(cfg["dataset_dir"], 2, args.checkpoint.parent / "split.json",
+                                   slice_axis=cfg.get("slice_axis"), input_size=int(cfg["size"]))
+    else:
+        acdc = find_acdc_dir(resolve_data_root(args.data_root or cfg.get("data_root_arg")))
     res = evaluate(wrapper, acdc, args.split, int(cfg["size"]), device, which=args.model or cfg.get("eval_model", "a"),
                    limit=args.limit, progress=True)
     res = strip_private(res)
