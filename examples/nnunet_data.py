@@ -151,7 +151,9 @@ def read_dataset_json(root: os.PathLike) -> DatasetInfo:
     path = root / "dataset.json"
     if not path.is_file():
         raise NnUNetDataError(f"missing dataset.json: expected {str(path)!r} with the keys channel_names, labels "
-                              f"and file_ending; {LAYOUT_HELP}")
+                              f"and file_ending; {LAYOUT_HELP} (a CHAOS-T2 / BTCV folder in its own layout: pass "
+                              f"--dataset chaos|btcv|dhc_npy to the 3D example, or convert it with "
+                              f"examples/convert_to_nnunet.py)")
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
