@@ -22,7 +22,7 @@ the warm-up), so the memory banks are full when the term switches on.
 
 Examples::
 
-    python examples/acdc_cps_dacl.py --preset smoke                 # ~1 min on 2 CPU cores
+    python examples/acdc_cps_dacl.py --preset smoke                 # a pipeline check (see the README)
     python examples/acdc_cps_dacl.py --preset quick --method cps    # 882 s measured on 2 shared CPU cores
     python examples/acdc_cps_dacl.py --preset paper --device cuda   # the paper's protocol
     torchrun --standalone --nproc_per_node=4 examples/acdc_cps_dacl.py --preset paper  # DDP, 4 GPUs
