@@ -283,9 +283,11 @@ def startup_summary(cfg: dict, acdc_dir: Path, run_dir: Path, n_labeled: int, n_
     evaluated = lambda limit, n: f"{limit} of {n}" if limit else f"all {n}"  # noqa: E731
     threads = f", {torch.get_num_threads()} threads" if torch.device(device).type == "cpu" else ""
     return "\n".join([
-        f"ACDC {cfg['method']}, preset {cfg['preset']}, seed {cfg['seed']}",
+        f"{'ACDC' if not cfg.get('dataset_dir') else Path(cfg['dataset_dir']).name} {cfg['method']}, "
+        f"preset {cfg['preset']}, seed {cfg['seed']}",
         f"  data    {acdc_dir}: {n_labeled} labeled + {n_unlabeled} unlabeled training slices "
-        f"({cfg['labeled_patients']} labeled patients); validation on {evaluated(cfg['val_volumes'], n_val)} "
+        + (f"({cfg['labeled_patients']} labeled patients)" if not cfg.get("dataset_dir") else "")
+        + f"; validation on {evaluated(cfg['val_volumes'], n_val)} "
         f"val volumes, test on {evaluated(cfg['test_volumes'], n_test)} test volumes",
         f"  device  {device}{threads}, amp {cfg['amp']}",
         "  config  " + ", ".join(f"{k} {cfg[k]}" for k in SUMMARY_KEYS[0] + (SUMMARY_KEYS[1] if cfg["method"] == "dacl"

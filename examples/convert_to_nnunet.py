@@ -10,7 +10,7 @@ same cases as the named one (``--labeled 2`` / ``4`` pick the same labeled sets)
 
 ::
 
-    python examples/convert_to_nnunet.py chaos ../shared/data/CHAOS-T2 data/Dataset501_CHAOS_T2
+    python examples/get_data.py chaos   &&  python examples/convert_to_nnunet.py chaos ~/.cache/torch-dacl/data/CHAOS-T2 data/Dataset501_CHAOS_T2
     python examples/convert_to_nnunet.py btcv /data/Synapse/RawData/Training data/Dataset502_BTCV
     python examples/convert_to_nnunet.py dhc_npy /data/synapse_data data/Dataset503_BTCV_DHC
     python examples/synapse_cps_dacl.py --dataset-dir data/Dataset501_CHAOS_T2 --preset smoke --labeled 2
