@@ -42,6 +42,8 @@ FILES = ["torch_dacl/loss.py", "torch_dacl/functional.py", "torch_dacl/cotrainin
 TESTS = ["tests/test_functional.py", "tests/test_modules.py", "tests/test_properties.py",
          "tests/test_module_reference.py", "tests/test_mechanism.py"]
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "--hypothesis-seed=0"]
+# torch.compile cannot trace mutmut's trampolines (a ContextVar.set in each mutated function)
+MUTMUT_DESELECT = ["--deselect", "tests/test_modules.py::test_grouped_functional_math_compiles_fullgraph"]
 
 # (name, file, original line fragment, mutated fragment): the surviving mutations of issue #16
 NAMED = [
@@ -96,10 +98,10 @@ def run_named(ref: str, workdir: Path, tests) -> list:
             continue
         (copy / path).write_text(src.replace(old, new))
         t = time.time()
-        r = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS, "-x", "-rf", *tests], cwd=copy,
+        r = subprocess.run([sys.executable, "-m", "pytest", *PYTEST_ARGS, "-rf", *tests], cwd=copy,
                            capture_output=True, text=True, env=_env())
-        failed = re.findall(r"^FAILED (\S+)", r.stdout, flags=re.M)
-        verdict = f"killed by {failed[0]}" if r.returncode != 0 and failed else (
+        failed = re.findall(r"^FAILED (\S+?)(?: - |$)", r.stdout, flags=re.M)
+        verdict = f"killed by {len(failed)} tests: " + ", ".join(failed) if r.returncode != 0 and failed else (
             "SURVIVED" if r.returncode == 0 else f"error (rc {r.returncode}): {r.stdout[-300:]}")
         rows.append((name, path, verdict, time.time() - t))
         print(f"{name}: {verdict}", flush=True)
@@ -115,7 +117,7 @@ def run_mutmut(ref: str, workdir: Path, files, tests, max_children: int) -> dict
 [tool.mutmut]
 source_paths = ["torch_dacl"]
 only_mutate = {q(files)}
-pytest_add_cli_args = {q(PYTEST_ARGS)}
+pytest_add_cli_args = {q(PYTEST_ARGS + MUTMUT_DESELECT)}
 pytest_add_cli_args_test_selection = {q(tests)}
 """)
     mutmut = shutil.which("mutmut") or str(Path(sys.executable).parent / "mutmut")

@@ -317,3 +317,84 @@ def test_masked_cross_pseudo_supervision_matches_reference(spatial, fraction):
     torch.testing.assert_close(b1.grad, b2.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(CoTrainingWrapper.cross_loss(la, lb, mask), loss)
     torch.testing.assert_close(CoTrainingWrapper.cross_loss(la, lb), DF.cross_pseudo_supervision_loss(la, lb))
+
+
+# --------------------------------------------------------------------------- edge values (mutation survivors)
+def test_pool_threshold_is_strict_and_a_one_pixel_mask_is_that_pixel():
+    feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    probs = torch.zeros(2, 2, 2, 2)
+    probs[:, 0, 0, 0] = 0.5  # exactly phi: not in the mask (T = M > phi)
+    probs[:, 1, 1, 1] = 0.6  # one pixel above phi
+    protos, valid = DF.masked_average_pool(feats, probs, 0.5)
+    assert valid.tolist() == [[False, True], [False, True]]
+    torch.testing.assert_close(protos[:, 1], feats[:, :, 1, 1])
+    assert torch.all(protos[:, 0] == 0)
+
+
+def test_sample_pixels_per_class_skips_ignore_index_and_follows_the_generator():
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    idx, mask = DF.sample_pixels_per_class(labels, 2, 4, ignore_index=1)  # a real class id ignored
+    assert mask.sum(1).tolist() == [3, 0] and set(idx[0, :3].tolist()) == {0, 3, 5}
+    a = DF.sample_pixels_per_class(torch.arange(20) % 2, 2, 3, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(123)  # the global generator must not matter when one is passed
+    b = DF.sample_pixels_per_class(torch.arange(20) % 2, 2, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0])
+    draws = {tuple(DF.sample_pixels_per_class(torch.arange(20) % 2, 2, 3,
+                                              generator=torch.Generator().manual_seed(s))[0][0].tolist())
+             for s in range(5)}
+    assert len(draws) > 1
+
+
+def test_knn_density_empty_input_and_a_bank_with_more_classes_than_labels():
+    assert DF.knn_density(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), (2,)).shape == (0,)
+    g = torch.Generator().manual_seed(11)
+    feats, labels = torch.randn(6, 3, generator=g), torch.tensor([0, 0, 1, 1, 0, 1])  # classes 0 and 1 only
+    bank = torch.randn(4, 5, 3, generator=g)  # C = 4 from the bank
+    dens = DF.knn_density(feats, labels, (2, 3), bank)
+    torch.testing.assert_close(dens.double(), naive_knn_density(feats, labels, (2, 3), bank), atol=1e-5, rtol=1e-5)
+
+
+def test_gaussian_rampup_edge_steps():
+    assert DF.gaussian_rampup(5, 1, warmup_steps=0) == pytest.approx(0.1)  # total_steps = 1 is valid
+    with pytest.raises(ValueError, match=r"total_steps: expected a value > 0, got 0"):
+        DF.gaussian_rampup(5, 0)
+
+
+def test_cps_single_pixel_mask_is_that_pixel():
+    g = torch.Generator().manual_seed(12)
+    la, lb = torch.randn(1, 3, 2, 2, generator=g), torch.randn(1, 3, 2, 2, generator=g)
+    mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    mask[0, 1, 0] = True
+    torch.testing.assert_close(DF.cross_pseudo_supervision_loss(la, lb, mask).double(), naive_cps(la, lb, mask).double())
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: DF.masked_average_pool(torch.randn(2, 3, 4), torch.rand(2, 2, 4, 4), 0.5),
+     r"^features: expected .*\(N, D, \*spatial\)"),
+    (lambda: DF.masked_average_pool(torch.randn(2, 3, 4, 4), torch.rand(2, 2, 4), 0.5),
+     r"^probs: expected .*\(N, C, \*spatial\)"),
+    (lambda: DF.masked_average_pool(torch.zeros(2, 3, 4, 4, dtype=torch.long), torch.rand(2, 2, 4, 4), 0.5),
+     r"^features: expected a floating point"),
+    (lambda: DF.masked_average_pool(torch.randn(2, 3, 4, 5), torch.rand(2, 2, 4, 4), 0.5),
+     r"^probs: expected shape \(N, C, \*spatial\) = \(2, C, 4, 5\) to match features \(2, 3, 4, 5\), "
+     r"got \(2, 2, 4, 4\)"),
+    (lambda: DF.cross_pseudo_supervision_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
+     r"^logits_a: expected .*\(N, C, \*spatial\)"),
+    (lambda: DF.cross_pseudo_supervision_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5)),
+     r"^logits_b: expected shape \(2, 3, 4, 4\) as logits_a, got \(2, 3, 4, 5\)"),
+    (lambda: DF.cross_pseudo_supervision_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4),
+                                              torch.ones(2, 4, 5, dtype=torch.bool)),
+     r"^mask: expected shape \(2, 4, 4\), got \(2, 4, 5\)"),
+    (lambda: DF.soft_density_contrastive_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3),
+                                              torch.randn(3, 5, 3)),
+     r"^negatives: expected shape \(2, P, 3\), got \(3, 5, 3\)"),
+    (lambda: DF.soft_density_contrastive_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3),
+                                              torch.randn(2, 5, 4)),
+     r"^negatives: expected shape \(2, P, 3\), got \(2, 5, 4\)"),
+    (lambda: DF.knn_density(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), (2,), bank=torch.randn(1, 3, 4),
+                            bank_valid=torch.ones(1, 2, dtype=torch.bool)),
+     r"^bank_valid: expected shape \(1, 3\), got \(1, 2\)"),
+])
+def test_functional_bad_input_messages(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -247,3 +247,54 @@ def test_reference_rejects_an_ambiguous_cut():
     emb = torch.tensor([[[[1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]], dtype=torch.float64)  # symmetric: equal densities
     with pytest.raises(AmbiguousCut):
         ref(emb, torch.zeros(1, 1, 3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- targeted cases
+@pytest.mark.parametrize("num_anchors, num_positives", [(3, 6), (1, 4), (2, 2)])
+def test_small_class_split_when_positives_outnumber_what_is_left(num_anchors, num_positives):
+    """Classes of 3, 4, 5 and 6 pixels, with H larger than S_n - q for some of them: the
+    positives stop at S_n - q, never reaching into the anchors; overlap is 0 for every class."""
+    module, ref = module_and_reference(c=4, num_anchors=num_anchors, num_positives=num_positives, use_bank=False)
+    emb, _ = make_batch(800, n=1, hw=(3, 6), c=4)
+    labels = torch.tensor([[0] * 3 + [1] * 4 + [2] * 5 + [3] * 6]).reshape(1, 3, 6)
+    out, _ = compare_step(module, ref, emb, labels)
+    assert out.overlap.shape == (4,) and torch.all(out.overlap == 0)
+    h = max(1, num_positives // 2)
+    for n, s_n in enumerate((3, 4, 5, 6)):
+        q = num_anchors if s_n >= num_anchors + h else min(num_anchors, s_n // 2)
+        assert int(out.anchor_valid[n].sum()) == q
+        assert int(out.positive_valid[n].sum()) == (h if s_n >= num_anchors + h else min(h, s_n - q))
+
+
+def test_class_anchors_skip_images_without_the_class():
+    """Q=2 anchors among 4 images of which one lacks class 2: the missing prototype is never
+    an anchor, the two lowest-density valid ones are."""
+    module, ref = module_and_reference(num_anchors=2, num_positives=4, anchor_mode="class", use_bank=False)
+    emb, labels = make_batch(900, n=4, hw=(5, 5), min_count=8)
+    labels[1][labels[1] == 2] = 0  # image 1 has no pixel of class 2
+    out, _ = compare_step(module, ref, emb, labels)
+    assert out.anchor_valid.sum(1).tolist() == [2, 2, 2]
+
+
+def test_probs_at_label_resolution_are_resized_like_labels():
+    """probs (and labels) at twice the embeddings' resolution: nearest resizing gives the loss of
+    the pre-resized inputs."""
+    emb, labels = make_batch(950, n=2, hw=(4, 4), min_count=4)
+    probs = torch.softmax(3 * torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float()
+                          + torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(0)), 1)
+    big_l = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    big_p = probs.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    losses = []
+    for lab, pr in ((labels, probs), (big_l, big_p)):
+        module, _ = module_and_reference(anchor_mode="class", num_anchors=2, num_positives=4, threshold=0.4)
+        losses.append(module(emb, lab, probs=pr, return_details=True))
+    torch.testing.assert_close(losses[0].loss, losses[1].loss)
+    assert int(losses[0].num_contributing) == int(losses[1].num_contributing) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int16])
+def test_integer_label_dtypes_give_the_long_result(dtype):
+    emb, labels = make_batch(960, min_count=8)
+    a, _ = module_and_reference()
+    b, _ = module_and_reference()
+    torch.testing.assert_close(a(emb, labels), b(emb, labels.to(dtype)))
