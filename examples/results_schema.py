@@ -19,6 +19,11 @@ downstream looks at raw keys or knows about older layouts. API::
     rec.save(run_dir / "metrics.json")
     rec = load(run_dir / "metrics.json")     # == RunRecord.load(path); also reads the two legacy layouts
 
+Several runs aggregated (``benchmarks/collect.py`` writes ``benchmarks/results/<dataset>_<preset>.json``)::
+
+    table = load_table(path)      # Table(dataset, preset, command, units, notes, rows=[TableRow], paired=[Paired])
+    row.metrics["dice"].mean, row.metrics["dice"].std, row.metrics["dice"].per_seed   # in table.units (Dice in %)
+
 Conventions (fixed, so no reader needs to guess):
 
 * Dice and Jaccard are fractions in [0, 1]; HD95 and ASD are in the units named by
@@ -55,7 +60,8 @@ METRICS = ("dice", "jaccard", "hd95", "asd")
 DEFAULT_UNITS = {"dice": "fraction", "jaccard": "fraction", "hd95": "voxels", "asd": "voxels"}
 
 __all__ = ["SCHEMA_VERSION", "METRICS", "DEFAULT_UNITS", "Identity", "ValPoint", "Best", "TestResult", "Timing",
-           "Environment", "RunRecord", "from_dict", "load", "save"]
+           "Environment", "RunRecord", "from_dict", "load", "save", "TABLE_UNITS", "Stat", "TableRow", "Paired",
+           "Table", "load_table"]
 
 
 @dataclass
@@ -305,3 +311,91 @@ def _from_legacy_3d(d: Mapping[str, Any]) -> RunRecord:
         environment=Environment(device=str(d.get("device", "")), torch=None, threads=d.get("torch_threads"),
                                 world_size=int(d.get("world_size", 1))),
         command=d.get("command"), extra=extra)
+
+
+# ----------------------------------------------------------------------------- several runs: a table
+TABLE_UNITS = {"dice": "%", "jaccard": "%", "hd95": "voxels", "asd": "voxels", "best_val_dice": "%",
+               "wall_seconds": "s"}
+
+
+@dataclass
+class Stat:
+    """Mean and standard deviation over seeds (``None`` where not measured), and the value of each
+    seed (keys: the seed as a string) where the per-seed values are kept."""
+    mean: Optional[float]
+    std: Optional[float]
+    per_seed: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TableRow:
+    dataset: str
+    variant: str                                  # "sup", "cps", "dacl" or a Table 2 row ("II" ... "V")
+    method: str
+    labeled: int
+    labeled_unit: str
+    seeds: List[int]
+    num_test_cases: Optional[int]
+    metrics: Dict[str, Stat]                      # METRICS -> Stat, in Table.units
+    per_class: Dict[str, Dict[str, Stat]] = field(default_factory=dict)   # metric -> class -> Stat
+    best_val_dice: Dict[str, float] = field(default_factory=dict)         # seed -> %
+    wall_seconds: Dict[str, float] = field(default_factory=dict)          # seed -> s
+    empty_cases: Dict[str, int] = field(default_factory=dict)             # seed -> count
+    empty_convention: str = ""
+    commands: Dict[str, str] = field(default_factory=dict)                # seed -> command
+
+
+@dataclass
+class Paired:
+    """Test Dice of ``a`` minus ``b`` (percentage points), paired by seed."""
+    labeled: int
+    a: str
+    b: str
+    seeds: List[int]
+    diffs: List[float]
+    mean: float
+    std: float
+    wins: int
+
+
+@dataclass
+class Table:
+    dataset: str
+    preset: str
+    command: str
+    rows: List[TableRow]
+    paired: List[Paired] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    units: Dict[str, str] = field(default_factory=lambda: dict(TABLE_UNITS))
+    kind: str = "table"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _clean(asdict(self))
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Table":
+        if d.get("kind") != "table" or d.get("schema_version", SCHEMA_VERSION + 1) > SCHEMA_VERSION:
+            raise ValueError("not a results table of this schema (kind 'table', schema_version <= "
+                             f"{SCHEMA_VERSION})")
+        d = dict(d)
+
+        def row(r: Mapping[str, Any]) -> TableRow:
+            r = dict(r)
+            r["metrics"] = {m: _build(Stat, v) for m, v in r["metrics"].items()}
+            r["per_class"] = {m: {c: _build(Stat, v) for c, v in cs.items()} for m, cs in r.get("per_class", {}).items()}
+            return _build(TableRow, r)
+
+        d["rows"] = [row(r) for r in d["rows"]]
+        d["paired"] = [_build(Paired, p) for p in d.get("paired", [])]
+        return _build(cls, d)
+
+
+def load_table(path: Union[str, Path]) -> Table:
+    return Table.from_dict(json.loads(Path(path).read_text()))

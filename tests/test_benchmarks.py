@@ -1,4 +1,5 @@
-"""The cost benchmark runs (--quick, as CI does) and writes a well-formed JSON. Nothing is timed here."""
+"""The benchmarks: the one aggregator (benchmarks/collect.py) on run records of both layouts and the
+committed tables; the cost benchmark runs (--quick, as CI does) and writes a well-formed JSON."""
 
 import json
 import pathlib
@@ -8,6 +9,85 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import collect  # noqa: E402
+import results_schema as rs  # noqa: E402
+
+
+def _record(method, seed, dice, variant=None, dataset="acdc", labeled=7):
+    per_case = {f"c{i}": {"dice": [dice, dice + 0.1], "jaccard": [dice / 2] * 2, "hd95": [5.0, 7.0],
+                          "asd": [1.0, 3.0]} for i in range(3)}
+    return rs.RunRecord(identity=rs.Identity(dataset, method, "quick", seed, labeled, "patients", 20, variant),
+                        best=rs.Best(20, dice), test=rs.TestResult.from_cases(["RV", "LV"], per_case, empty_cases=0),
+                        timing=rs.Timing(100.0 + seed), environment=rs.Environment("cpu"),
+                        val_history=[rs.ValPoint(10, dice - 0.1), rs.ValPoint(20, dice)], command=f"run {seed}")
+
+
+def test_collect_acdc_from_run_folders(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    for seed in (0, 1, 2):
+        for variant, method, dice in (("cps", "cps", 0.40), ("dacl", "dacl", 0.42), ("V", "dacl", 0.41)):
+            _record(method, seed, dice + 0.01 * seed, variant).save(
+                collect.run_dir(runs, "acdc", "quick", variant, 7, seed) / "metrics.json")
+    # a run in the legacy 2D layout is read through the schema too
+    legacy = json.loads(json.dumps(__import__("test_results_schema").LEGACY_2D))
+    legacy.update(method="sup", seed=0)
+    d = collect.run_dir(runs, "acdc", "quick", "sup", 7, 0)
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps(legacy))
+    collect.main(["acdc", "--collect-only", "--runs", str(runs), "--results", str(out), "--patients", "7"])
+    table = rs.load_table(out / "acdc_quick.json")
+    assert [r.variant for r in table.rows] == ["sup", "cps", "V", "dacl"]
+    dacl = table.rows[-1]
+    assert dacl.seeds == [0, 1, 2] and dacl.metrics["dice"].per_seed == pytest.approx({"0": 47.0, "1": 48.0, "2": 49.0})
+    assert dacl.metrics["dice"].mean == pytest.approx(48.0) and dacl.metrics["dice"].std == pytest.approx(1.0)
+    assert dacl.metrics["hd95"].mean == pytest.approx(6.0) and dacl.per_class["dice"]["LV"].mean == pytest.approx(53.0)
+    assert dacl.num_test_cases == 3 and dacl.wall_seconds == {"0": 100.0, "1": 101.0, "2": 102.0}
+    pairs = {(p.a, p.b): p for p in table.paired}
+    assert pairs["dacl", "cps"].diffs == pytest.approx([2.0, 2.0, 2.0]) and pairs["dacl", "cps"].wins == 3
+    assert pairs["cps", "sup"].seeds == [0]
+    md = (out / "acdc_quick.md").read_text()
+    assert "| DACL (Table 2 VI: + w_i) | 3 | 3 |" in md and "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
+    assert "DACL − CPS: +2.00 ± 0.00" in md and "the paper: +5.20" in md
+    if __import__("importlib").util.find_spec("matplotlib"):
+        assert (out / "acdc_quick_val_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_collect_writes_nothing_without_runs(tmp_path, capsys):
+    collect.main(["chaos", "--collect-only", "--runs", str(tmp_path), "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists() and "nothing written" in capsys.readouterr().out
+
+
+def test_paper_numbers_come_from_one_file():
+    assert collect.paper_row("acdc", 7, "dacl") == {"source": "Table 1", "dice": "90.91+-0.5", "jaccard": "79.12+-1.0",
+                                                    "asd": "0.38+-0.2"}
+    assert collect.paper_row("acdc", 3, "sup")["dice"] == "43.30+-8.6"
+    assert collect.paper_row("acdc", 7, "III") == {"source": "Table 2", "dice": "88.60+-0.7"}
+    assert collect.paper_row("acdc", 3, "III") is None  # Table 2 is at 10 % only
+    assert collect.paper_row("synapse", 4, "cps")["dice"] == "31.46+-2.5"
+    assert collect.paper_row(None, 4, "cps") is None
+    assert not (ROOT / "docs" / "paper_numbers.json").exists()
+
+
+@pytest.mark.parametrize("name", ["acdc_quick", "chaos_quick"])
+def test_committed_tables_are_in_the_schema_and_their_markdown_is_generated(name):
+    table = rs.load_table(ROOT / "benchmarks" / "results" / f"{name}.json")
+    assert table.rows and all(set(rs.METRICS) <= set(r.metrics) for r in table.rows)
+    assert collect.markdown(table) == (ROOT / "benchmarks" / "results" / f"{name}.md").read_text()
+    for p in table.paired:  # the stored paired differences are those of the stored per-seed Dice
+        rows = {r.variant: r for r in table.rows if r.labeled == p.labeled}
+        assert p.diffs == pytest.approx([rows[p.a].metrics["dice"].per_seed[str(s)]
+                                         - rows[p.b].metrics["dice"].per_seed[str(s)] for s in p.seeds])
+
+
+def test_cli_keeps_the_old_commands():
+    help_ = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collect.py"), "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    for flag in ("--patients", "--variants", "--seeds", "--collect-only", "--runs", "--threads", "--preset"):
+        assert flag in help_
+    assert not (ROOT / "benchmarks" / "acdc_table.py").exists() and not (ROOT / "benchmarks" / "chaos_table.py").exists()
 
 
 @pytest.mark.slow

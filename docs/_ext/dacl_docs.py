@@ -282,7 +282,7 @@ def _figure(img: Path, docdir: Path, caption: str) -> nodes.figure:
 
 # ----------------------------------------------------------------------------- paper numbers
 def _paper() -> Dict[str, Any]:
-    return json.loads((DOCS / "paper_numbers.json").read_text())
+    return json.loads((REPO / "benchmarks" / "paper_numbers.json").read_text())
 
 
 _SETTINGS = {"acdc": {"5%": (3, 68), "10%": (7, 136)}, "synapse": {"10%": (2,), "20%": (4,)}}
@@ -292,7 +292,7 @@ class PaperTable(SphinxDirective):
     required_arguments = 1
 
     def run(self):
-        self.env.note_dependency(str(DOCS / "paper_numbers.json"))
+        self.env.note_dependency(str(REPO / "benchmarks" / "paper_numbers.json"))
         paper = _paper()
         which = self.arguments[0]
         if which == "table2":
@@ -434,7 +434,7 @@ class Comparison(SphinxDirective):
         if "ablation" in self.options:
             return self._ablation(self.arguments[0])
         dataset = self.arguments[0]
-        self.env.note_dependency(str(DOCS / "paper_numbers.json"))
+        self.env.note_dependency(str(REPO / "benchmarks" / "paper_numbers.json"))
         paper = _paper()["table1"][dataset]
         rows = []
         for setting in _SETTINGS[dataset]:
@@ -467,7 +467,7 @@ class Comparison(SphinxDirective):
 
 
     def _ablation(self, dataset: str) -> List[nodes.Node]:
-        self.env.note_dependency(str(DOCS / "paper_numbers.json"))
+        self.env.note_dependency(str(REPO / "benchmarks" / "paper_numbers.json"))
         t2 = _paper()["table2"]
         col = t2["columns"].index("ACDC" if dataset == "acdc" else "Synapse")
         ten = "10%"
