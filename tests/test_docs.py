@@ -84,19 +84,49 @@ def test_doctest_examples_pass(tmp_path):
     assert "Document: api/functional" in text
 
 
-def test_results_markdown_renders_tables_and_bullets(tmp_path):
+def _ext():
     sys.path.insert(0, str(DOCS / "_ext"))
     try:
         import dacl_docs
     finally:
         sys.path.remove(str(DOCS / "_ext"))
-    from docutils import nodes
+    return dacl_docs
 
-    md = tmp_path / "r.md"
-    md.write_text("# Title\n\nsome text\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- first: +1.00\n- second: -2.00\n\nafter\n")
-    out = dacl_docs.render_markdown(md, tmp_path)
-    kinds = [type(n).__name__ for n in out]
-    assert kinds == ["rubric", "paragraph", "table", "bullet_list", "paragraph"], kinds
-    bullets = out[3]
-    assert [li.astext() for li in bullets.children] == ["first: +1.00", "second: -2.00"]
-    assert isinstance(out[2], nodes.table)
+
+def test_extension_is_small_and_reads_the_schema():
+    """The extension stays within its budget and reads results through the schema, not by guessing keys."""
+    text = (DOCS / "_ext" / "dacl_docs.py").read_text()
+    assert len(text.splitlines()) <= 400
+    assert "import results_schema" in text and "mean_dice" not in text and "wall_time_s" not in text
+
+
+def test_results_table_renders_as_list_tables():
+    from docutils.core import publish_doctree
+
+    ext = _ext()
+    table = ext.rs.load_table(ROOT / "benchmarks" / "results" / "acdc_quick.json")
+    tree = publish_doctree("\n".join(ext.table_lines(table)), settings_overrides={"report_level": 2, "halt_level": 2})
+    tables = [n for n in tree.traverse() if n.tagname == "table"]
+    assert len(tables) == 2  # 7 and 3 labeled patients
+    text = tree.astext()
+    assert "90.91 ± 0.5" in text and "42.46 ± 3.43" in text and "better in 1 of 3" in text
+    ablation = publish_doctree("\n".join(ext.table_lines(table, ablation=True)))
+    assert len([n for n in ablation.traverse() if n.tagname == "table"]) == 1 and "89.80 ± 0.5" in ablation.astext()
+
+
+def test_cli_table_comes_from_the_parser():
+    import argparse
+
+    from docutils.core import publish_doctree
+
+    ext = _ext()
+    p = argparse.ArgumentParser()
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=["smoke", "quick"], default="smoke", help="w_i *weights* (default %(default)s)")
+    g.add_argument("--no-bank", action="store_true")
+    g.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32])
+    tree = publish_doctree("\n".join(ext.cli_lines(p, "x.py")), settings_overrides={"report_level": 2, "halt_level": 2})
+    text = tree.astext()
+    for want in ("--preset", "one of smoke, quick", "w_i *weights* (default smoke)", "off (flag)", "8, 16, 32",
+                 "nargs=+"):
+        assert want in text, want

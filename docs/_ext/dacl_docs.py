@@ -1,853 +1,344 @@
-"""Sphinx directives that render the docs' data from the repository at build time.
+"""Sphinx directives that render the repository's data at build time (nothing is retyped).
 
-Nothing here is retyped: tables come from the committed files they describe, and a file
-that does not exist yet gives a visible "not yet measured" / "not yet written" note instead
-of a warning (so ``sphinx-build -W`` passes on a fresh checkout).
+Each directive reads one file of the repository with the code that writes it and emits stock
+reStructuredText (``list-table``, ``literal-block``), parsed as if it were in the page:
 
-Directives
-----------
-``.. dacl-results:: <glob relative to the repository root>``
-    Every JSON and Markdown file matching the glob (default ``benchmarks/results/*``),
-    rendered as tables. JSON: a top-level ``"rows"`` list of objects (or a top-level list of
-    objects) becomes one table; other values become a key/value table of their scalar leaves,
-    and each list of objects (e.g. ``"history"``) its own table. ``"caption"``,
-    ``"description"`` and ``"note"`` strings are shown as text. Markdown: pipe tables become
-    tables, ``![alt](file.png)`` images, other lines text.
-``.. dacl-comparison:: acdc|synapse``
-    The paper's Table 1 rows for CPS and DACL beside every measured result of that dataset
-    found in ``benchmarks/results/*.json`` (see :func:`_measured_rows` for what counts).
+``.. dacl-table:: benchmarks/results/<dataset>_<preset>.json``
+    A results table (:class:`results_schema.Table`, written by ``benchmarks/collect.py``): one
+    table per labeled count, mean ± std over seeds, the paper's numbers beside it (from
+    ``benchmarks/paper_numbers.json``, through ``collect.paper_row``), the differences paired
+    by seed and the table's notes. ``:ablation:``: only Table 2's rows, our Dice beside the paper's.
 ``.. dacl-paper-table:: table1-acdc|table1-synapse|table2``
-    A table of ``docs/paper_numbers.json`` (the paper's numbers, transcribed).
-``.. dacl-figures:: <glob>``
-    Every PNG matching the glob, as a figure captioned with its file name.
-``.. dacl-curves:: <glob>``
-    Training curves (validation Dice, losses against the step) plotted from the histories in
-    the JSON files, inline SVG.
+    A table of ``benchmarks/paper_numbers.json`` (the paper's numbers, transcribed).
+``.. dacl-json:: <file> [key ...]``
+    The values of a benchmark JSON under the given top-level keys: nested scalars as a
+    key / value table, lists of objects as tables.
 ``.. dacl-cli:: examples/<script>.py``
-    The script's command-line flags (read from its ``add_argument`` calls with :mod:`ast`,
-    without importing it) and its ``PRESETS`` dictionary, if any.
+    The script's command line, from its parser (``build_parser()``, else the parser its
+    ``parse_args``/``main`` builds), one table per argument group, and its ``PRESETS``.
 ``.. dacl-script-doc:: examples/<script>.py``
     The script's module docstring, verbatim.
-``.. dacl-excerpt:: examples/<script>.py``
-    Options ``:start:`` and ``:end:`` (regular expressions): the lines from the first line
-    matching ``start`` to the first following line matching ``end``, as Python code.
+``.. dacl-defaults:: package.Class``
+    A constructor's defaults, read with :mod:`inspect`; ``:names:`` picks and orders them.
+
+Code excerpts use the stock ``literalinclude`` (``:pyobject:``, ``:start-at:``), figures the
+stock ``figure``. A file that does not exist gives a visible "not yet measured" note.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
-import glob
+import importlib
+import importlib.util
+import inspect
 import json
-import math
-import re
+import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from docutils import nodes
 from docutils.parsers.rst import directives
+from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = REPO / "docs"
-RESULTS = REPO / "benchmarks" / "results"
-MAX_ROWS = 60
-MAX_LEAVES = 80
+for _p in (REPO / "examples", REPO / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import collect  # noqa: E402  benchmarks/collect.py: the paper's numbers and the labels of the variants
+import results_schema as rs  # noqa: E402  examples/results_schema.py
+
+PAPER = REPO / "benchmarks" / "paper_numbers.json"
 
 
-# ----------------------------------------------------------------------------- node helpers
-def _para(text: str, cls: Optional[str] = None) -> nodes.paragraph:
-    p = nodes.paragraph()
-    p += nodes.Text(text)
-    if cls:
-        p["classes"].append(cls)
-    return p
-
-
-def _inline(text: str) -> nodes.paragraph:
-    """A paragraph of Markdown text whose `code spans` become literals (copyable commands)."""
-    p = nodes.paragraph()
-    for i, part in enumerate(text.split("`")):
-        if part:
-            p += nodes.literal(part, part) if i % 2 else nodes.Text(part)
-    return p
-
-
-def _note(text: str) -> nodes.note:
-    n = nodes.note()
-    n += _para(text)
-    return n
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: Optional[str] = None) -> nodes.table:
-    """A docutils table of plain-text cells (no markup is parsed from the data)."""
-    table = nodes.table()
-    table["classes"].append("dacl-data")
-    if caption:
-        table += nodes.title(text=caption)
-    ncol = len(header)
-    group = nodes.tgroup(cols=ncol)
-    table += group
-    for i in range(ncol):
-        width = max([len(_fmt(header[i]))] + [len(_fmt(r[i])) for r in rows if i < len(r)])
-        group += nodes.colspec(colwidth=max(3, min(width, 40)))
-
-    def row_node(cells: Sequence[Any]) -> nodes.row:
-        r = nodes.row()
-        for c in list(cells) + [""] * (ncol - len(cells)):
-            e = nodes.entry()
-            e += _para(_fmt(c))
-            r += e
-        return r
-
-    head = nodes.thead()
-    head += row_node(header)
-    group += head
-    body = nodes.tbody()
-    for cells in rows:
-        body += row_node(cells)
-    group += body
-    return table
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return "" if v is None else str(v)
+# ----------------------------------------------------------------------------- rst helpers
+def _cell(v: Any) -> str:
+    """One list-table cell: plain text, markup characters escaped; empty stays a comment-free blank."""
+    if v is None or v == "":
+        return "\\ "
     if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3e}"
-        return f"{v:.4g}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 1e3 else f"{v:.0f}"
-    if isinstance(v, (list, tuple)):
-        if len(v) <= 8 and all(not isinstance(x, (dict, list)) for x in v):
-            return ", ".join(_fmt(x) for x in v)
-        return f"[{len(v)} items]"
-    if isinstance(v, dict):
-        return f"{{{len(v)} keys}}"
-    return str(v).replace("+-", "±")
+        v = f"{v:.4g}" if abs(v) < 1 else f"{v:.2f}" if abs(v) < 1e4 else f"{v:.0f}"
+    text = " ".join(str(v).replace("+-", " ± ").split())
+    for ch in "\\`*_|[]<>":
+        text = text.replace(ch, "\\" + ch)
+    return text
 
 
-def _code(text: str, language: str = "python") -> nodes.literal_block:
-    block = nodes.literal_block(text, text)
-    block["language"] = language
-    return block
+def list_table(header: Sequence[Any], rows: Iterable[Sequence[Any]], caption: str = "",
+               literal_first: bool = False) -> List[str]:
+    """The lines of a ``list-table`` (``literal_first``: the first column as ``code``)."""
+    lines = [f".. list-table:: {_cell(caption).strip()}" if caption else ".. list-table::", "   :header-rows: 1",
+             "   :class: dacl-data", ""]
+    for i, row in enumerate([list(header), *rows]):
+        for j, v in enumerate(row):
+            text = f"``{v}``" if literal_first and j == 0 and i > 0 and v else _cell(v)
+            lines.append(f"   {'* -' if j == 0 else '  -'} {text}")
+    return lines + [""]
 
 
-# ----------------------------------------------------------------------------- JSON rendering
-def _is_row_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, dict) for x in v)
+class _Rst(SphinxDirective):
+    """A directive that writes reStructuredText lines and has them parsed in place."""
+
+    def parse_lines(self, lines: List[str]) -> List[nodes.Node]:
+        holder = nodes.Element()
+        self.state.nested_parse(StringList(lines, source=f"<{self.name}>"), self.content_offset, holder)
+        return holder.children
+
+    def repo_file(self, rel: str) -> Optional[Path]:
+        path = REPO / rel
+        if not path.is_file():
+            return None
+        self.env.note_dependency(str(path))
+        return path
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """Scalar (and short scalar-list) leaves of nested dicts, keys joined with dots."""
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        elif _is_row_list(v):
+def _note(text: str) -> List[nodes.Node]:
+    n = nodes.note()
+    n += nodes.paragraph(text=text)
+    return [n]
+
+
+# ----------------------------------------------------------------------------- results tables
+def _pm(st: rs.Stat, n: int) -> str:
+    return "–" if st.mean is None else f"{st.mean:.2f}" if n == 1 else f"{st.mean:.2f} ± {st.std:.2f}"
+
+
+def table_lines(table: rs.Table, ablation: bool = False) -> List[str]:
+    """The reStructuredText of a results table (see ``dacl-table``)."""
+    comparable = collect.DATASETS.get(table.dataset, {}).get("paper")
+    metrics = [m for m in rs.METRICS if any(r.metrics[m].mean is not None for r in table.rows)]
+    u = table.units
+    out: List[str] = []
+    for labeled in sorted({r.labeled for r in table.rows}, reverse=True):
+        rows = [r for r in table.rows if r.labeled == labeled]
+        unit = rows[0].labeled_unit
+        if ablation:
+            paper = collect.paper()
+            if comparable is None or paper["settings"][comparable].get(paper["methods"]["table2_setting"]) != labeled:
+                continue  # Table 2 is at one labeled fraction only
+            body = [[collect.LABELS.get(r.variant, r.variant), len(r.seeds), _pm(r.metrics["dice"], len(r.seeds)),
+                     (collect.paper_row(comparable, labeled, r.variant) or {}).get("dice", "–")]
+                    for r in rows if r.variant in paper["methods"]["table2"]]
+            if body and any(b[3] != "–" for b in body):
+                out += list_table(["Table 2 row", "seeds", "Dice (%)", "paper Dice (%)"], body,
+                                  f"{table.dataset.upper()} {table.preset}, {labeled} labeled {unit}: Table 2's rows")
             continue
-        else:
-            out[key] = v
+        head = ["method", "seeds", "test cases", *(f"{collect.NAMES[m]} ({u[m]})" for m in metrics)]
+        if comparable:
+            head += ["paper Dice", "paper Jaccard", "paper ASD"]
+        body = []
+        for r in rows:
+            n = len(r.seeds)
+            cells = [collect.LABELS.get(r.variant, r.variant), n, r.num_test_cases, *(_pm(r.metrics[m], n) for m in metrics)]
+            if comparable:
+                p = collect.paper_row(comparable, labeled, r.variant) or {}
+                cells += [p.get(k, "–") + (" (Table 2)" if k == "dice" and p.get("source") == "Table 2" else "")
+                          for k in ("dice", "jaccard", "asd")]
+            body.append(cells)
+        out += list_table(head, body, f"{table.dataset.upper()} {table.preset}, {labeled} labeled {unit} "
+                                      "(mean ± std over seeds)")
+        pairs = [d for d in table.paired if d.labeled == labeled]
+        if pairs:
+            out += ["Test Dice differences paired by seed (percentage points):", ""]
+            for d in pairs:
+                per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
+                out.append(f"- {_cell(collect.LABELS[d.a].split(' (')[0])} − {_cell(collect.LABELS[d.b].split(' (')[0])}: "
+                           f"{d.mean:+.2f} ± {d.std:.2f} ({per}; better in {d.wins} of {len(d.diffs)})")
+            out.append("")
+    if not ablation and table.notes:
+        out += [f"- {_cell(n)}" for n in table.notes] + [""]
     return out
 
 
-def _rows_table(rows: List[Dict[str, Any]], caption: str) -> List[nodes.Node]:
-    flat = [_flatten(r) for r in rows]
-    cols: List[str] = []
-    for r in flat:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
-    shown = flat[:MAX_ROWS]
-    out: List[nodes.Node] = [_table(cols, [[r.get(c) for c in cols] for r in shown], caption)]
-    if len(flat) > MAX_ROWS:
-        out.append(_para(f"({len(flat) - MAX_ROWS} more rows in the file.)"))
-    return out
-
-
-def _row_lists(d: Dict[str, Any], prefix: str = "") -> Iterable[Tuple[str, List[Dict[str, Any]]]]:
-    for k, v in d.items():
-        if _is_row_list(v):
-            yield prefix + k, v
-        elif isinstance(v, dict):
-            yield from _row_lists(v, prefix + k + ".")
-
-
-def render_json(path: Path, values: Optional[Sequence[str]] = None) -> List[nodes.Node]:
-    """The tables of a result file: each list of rows as a table, then (unless ``values`` is
-    an empty sequence) the remaining scalar values as a key / value table, restricted to the
-    top-level keys in ``values`` when given."""
-    data = json.loads(path.read_text())
-    name = path.relative_to(REPO).as_posix()
-    out: List[nodes.Node] = []
-    if _is_row_list(data):
-        return _rows_table(data, name)
-    if not isinstance(data, dict):
-        return [_para(f"{name}: {_fmt(data)}")]
-    for key in ("caption", "description", "note"):
-        if isinstance(data.get(key), str):
-            out.append(_para(data[key]))
-    if _is_row_list(data.get("rows")):
-        out.extend(_rows_table(data["rows"], name))
-        rest = {k: v for k, v in data.items() if k not in ("rows", "caption", "description", "note")}
-    else:
-        rest = {k: v for k, v in data.items() if k not in ("caption", "description", "note")}
-    shown = rest if values is None else {k: v for k, v in rest.items() if k in values}
-    leaves = list(_flatten(shown).items())
-    if leaves:
-        out.append(_table(["key", "value"], leaves[:MAX_LEAVES], f"{name} (values)"))
-        if len(leaves) > MAX_LEAVES:
-            out.append(_para(f"({len(leaves) - MAX_LEAVES} more values in the file.)"))
-    for key, rows in _row_lists(rest):
-        out.extend(_rows_table(rows, f"{name}: {key}"))
-    return out
-
-
-# ----------------------------------------------------------------------------- Markdown rendering
-_TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
-
-
-def _cells(line: str) -> List[str]:
-    s = line.strip()
-    if s.startswith("|"):
-        s = s[1:]
-    if s.endswith("|"):
-        s = s[:-1]
-    return [c.strip().strip("`") for c in s.split("|")]
-
-
-def render_markdown(path: Path, docdir: Path) -> List[nodes.Node]:
-    lines = path.read_text().splitlines()
-    out: List[nodes.Node] = []
-    para: List[str] = []
-    i = 0
-
-    def flush():
-        if para:
-            out.append(_inline(" ".join(para)))
-            para.clear()
-
-    while i < len(lines):
-        line = lines[i]
-        if line.strip().startswith("|") and i + 1 < len(lines) and _TABLE_SEP.match(lines[i + 1]):
-            flush()
-            header = _cells(line)
-            rows = []
-            i += 2
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                rows.append(_cells(lines[i]))
-                i += 1
-            out.append(_table(header, rows))
-            continue
-        m = _IMAGE.search(line)
-        if m:
-            flush()
-            img = (path.parent / m.group(2)).resolve()
-            if img.exists():
-                out.append(_figure(img, docdir, m.group(1) or img.name))
-            else:
-                out.append(_para(f"(image {m.group(2)} not found)"))
-        elif line.lstrip().startswith("#"):
-            flush()
-            out.append(nodes.rubric(text=line.lstrip("#").strip()))
-        elif line.lstrip().startswith("- "):  # a bullet list: consecutive "- " lines
-            flush()
-            bullets = nodes.bullet_list()
-            while i < len(lines) and lines[i].lstrip().startswith("- "):
-                bullets += nodes.list_item("", _inline(lines[i].lstrip()[2:].strip()))
-                i += 1
-            out.append(bullets)
-            continue
-        elif not line.strip():
-            flush()
-        else:
-            para.append(line.strip())
-        i += 1
-    flush()
-    return out
-
-
-def _figure(img: Path, docdir: Path, caption: str) -> nodes.figure:
-    """A figure of ``img``; its URI is relative to the docs folder ("/" = docs/)."""
-    del docdir
-    rel = Path(*([".."] * len(DOCS.relative_to(REPO).parts)), img.relative_to(REPO)) \
-        if not img.is_relative_to(DOCS) else img.relative_to(DOCS)
-    fig = nodes.figure()
-    fig += nodes.image(uri="/" + rel.as_posix(), alt=caption)
-    fig += nodes.caption(text=caption)
-    return fig
-
-
-# ----------------------------------------------------------------------------- paper numbers
-def _paper() -> Dict[str, Any]:
-    return json.loads((REPO / "benchmarks" / "paper_numbers.json").read_text())
-
-
-_SETTINGS = {"acdc": {"5%": (3, 68), "10%": (7, 136)}, "synapse": {"10%": (2,), "20%": (4,)}}
-
-
-class PaperTable(SphinxDirective):
-    required_arguments = 1
-
-    def run(self):
-        self.env.note_dependency(str(REPO / "benchmarks" / "paper_numbers.json"))
-        paper = _paper()
-        which = self.arguments[0]
-        if which == "table2":
-            t = paper["table2"]
-            rows = [[k] + v for k, v in t["rows"].items()]
-            return [_table(["exp."] + t["columns"], rows, t["caption"])]
-        dataset = which.split("-", 1)[1]
-        t = paper["table1"]
-        rows = []
-        for setting, methods in t[dataset].items():
-            for method, vals in methods.items():
-                rows.append([setting, method] + vals)
-        unit = "Dice (%)", "JC (%)", "ASD (voxel)"
-        cap = f"{dataset.upper() if dataset == 'acdc' else dataset.title()}, paper's Table 1"
-        return [_table(["labeled", "method", *unit], rows, cap)]
-
-
-# ----------------------------------------------------------------------------- measured rows
-_METRIC_KEYS = {
-    "dice": ("dice", "mean_dice", "dice_mean", "dsc"),
-    "jc": ("jc", "jaccard", "mean_jc", "mean_jaccard", "jaccard_mean"),
-    "hd95": ("hd95", "mean_hd95", "hd95_mean", "hd95_vox"),
-    "asd": ("asd", "mean_asd", "asd_mean", "mean_asd_vox", "asd_vox"),
-}
-
-
-def _metric(node: Dict[str, Any], names: Sequence[str]) -> Tuple[Optional[float], Optional[float]]:
-    """Find a metric's mean (and std) in a result row.
-
-    Looked up in the row, in its ``test`` / ``metrics`` / ``summary`` / ``results`` object,
-    and in the ``mean`` object of each of those; a value is a number or ``{"mean", "std"}``.
-    The std, for a number, is ``<name>_std`` beside it or ``<name>`` in a sibling ``std`` /
-    ``std_over_seeds`` object (a spread over seeds, as the paper reports; not over volumes).
-    """
-    tops = [node] + [node[k] for k in ("test", "metrics", "summary", "results") if isinstance(node.get(k), dict)]
-    containers: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
-    for t in tops:
-        containers.append((t, t))
-        if isinstance(t.get("mean"), dict):
-            containers.append((t["mean"], t))
-    for sub, parent in containers:
-        for n in names:
-            v = sub.get(n)
-            if isinstance(v, dict) and isinstance(v.get("mean"), (int, float)):
-                std = v.get("std")
-                return float(v["mean"]), float(std) if isinstance(std, (int, float)) else None
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                std = sub.get(n + "_std", sub.get("std_" + n))
-                for key in ("std", "std_over_seeds"):
-                    if std is None and isinstance(parent.get(key), dict):
-                        std = parent[key].get(n)
-                return float(v), float(std) if isinstance(std, (int, float)) else None
-    return None, None
-
-
-def _walk(d: Any) -> Iterable[Dict[str, Any]]:
-    if isinstance(d, dict):
-        yield d
-        for v in d.values():
-            yield from _walk(v)
-    elif isinstance(d, list):
-        for v in d:
-            yield from _walk(v)
-
-
-def _method(node: Dict[str, Any]) -> Optional[str]:
-    """The method of a result row: its ``method``, else its ``variant`` (ablation rows)."""
-    m = node.get("method", node.get("variant"))
-    return m if isinstance(m, str) else None
-
-
-_ABLATION_ROW = {"cps": "I", "i": "I", "ii": "II", "iii": "III", "iv": "IV", "v": "V", "vi": "VI", "dacl": "VI"}
-
-
-def _measured_rows(dataset: str) -> List[Tuple[str, Dict[str, Any]]]:
-    """Result rows of ``dataset`` in ``benchmarks/results/*.json``.
-
-    A row is any JSON object with a string ``"method"`` (or ``"variant"``) and a Dice value (``dice``,
-    ``mean_dice`` ... as a number or ``{"mean", "std"}``, in the object or its ``test`` /
-    ``metrics`` / ``summary`` / ``mean`` sub-object). Its dataset is its ``"dataset"`` value,
-    else the file name's first word (``acdc_quick.json`` -> acdc); ``chaos`` counts as the
-    Synapse protocol. Its setting is ``"labeled"`` (patients, volumes, slices or a "10%"
-    string) or ``"label_fraction"``.
-    """
-    found = []
-    for path in sorted(RESULTS.glob("*.json")) if RESULTS.exists() else []:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        file_ds = path.stem.split("_")[0].lower()
-        top = {k: data[k] for k in ("preset", "dataset") if isinstance(data, dict) and isinstance(data.get(k), str)}
-        for node in _walk(data):
-            if not isinstance(_method(node), str):
-                continue
-            node = {**top, **node}
-            ds = str(node.get("dataset", file_ds)).lower()
-            ds = "synapse" if ds in ("chaos", "chaos_t2", "chaos-t2", "btcv", "dhc_npy", "synapse") else ds
-            if ds != dataset or _metric(node, _METRIC_KEYS["dice"])[0] is None:
-                continue
-            found.append((path.relative_to(REPO).as_posix(), node))
-    return found
-
-
-def _setting(dataset: str, node: Dict[str, Any]) -> str:
-    lab = next((node[k] for k in ("labeled", "labeled_patients", "labeled_volumes", "label_fraction",
-                                  "labeled_fraction") if k in node), None)
-    if isinstance(lab, str):
-        return lab
-    if isinstance(lab, float) and lab < 1:
-        return f"{round(lab * 100)}%"
-    if isinstance(lab, int):
-        for name, counts in _SETTINGS.get(dataset, {}).items():
-            if lab in counts:
-                return name
-        return str(lab)
-    return "?"
-
-
-def _pct(v: Optional[float], std: Optional[float], percent: bool) -> str:
-    if v is None:
-        return ""
-    scale = 100.0 if percent and v <= 1.0 else 1.0
-    s = f"{v * scale:.2f}"
-    if std is not None:
-        s += f" ± {std * scale:.2f}"
-    return s
-
-
-class Comparison(SphinxDirective):
-    """``.. dacl-comparison:: acdc|synapse``; with ``:ablation:``, Table 2 (Dice) instead:
-    rows I-VI of the paper beside our rows whose method / variant is ``cps`` (I), ``II`` ...
-    ``V`` or ``dacl`` (VI), at 10 % labels."""
-
+class Table(_Rst):
     required_arguments = 1
     option_spec = {"ablation": directives.flag}
 
     def run(self):
-        if "ablation" in self.options:
-            return self._ablation(self.arguments[0])
-        dataset = self.arguments[0]
-        self.env.note_dependency(str(REPO / "benchmarks" / "paper_numbers.json"))
-        paper = _paper()["table1"][dataset]
-        rows = []
-        for setting in _SETTINGS[dataset]:
-            for method in ("CPS", "DACL"):
-                p = paper[setting][method]
-                rows.append([setting, method, "paper (Table 1)", p[0], p[1], "", p[2], ""])
-        measured = _measured_rows(dataset)
-        for src, node in measured:
-            self.env.note_dependency(str(REPO / src))
-            d, ds = _metric(node, _METRIC_KEYS["dice"])
-            j, js = _metric(node, _METRIC_KEYS["jc"])
-            h, hs = _metric(node, _METRIC_KEYS["hd95"])
-            a, as_ = _metric(node, _METRIC_KEYS["asd"])
-            label = f"ours: {src}"
-            if isinstance(node.get("label"), str):
-                label += f" [{node['label']}]"
-            extra = [f"{k} {node[k]}" for k in ("preset", "dataset", "seed") if k in node]
-            if extra:
-                label += " (" + ", ".join(extra) + ")"
-            rows.append([_setting(dataset, node), _method(node), label, _pct(d, ds, True), _pct(j, js, True),
-                         _pct(h, hs, False), _pct(a, as_, False),
-                         node.get("n_seeds", len(node["seeds"]) if isinstance(node.get("seeds"), list) else
-                                  1 if "seed" in node else "")])
-        header = ["labeled", "method", "source", "Dice (%)", "JC (%)", "HD95 (voxel)", "ASD (voxel)", "seeds"]
-        out: List[nodes.Node] = [_table(header, rows, f"{dataset}: the paper beside our runs")]
-        if not measured:
-            out.append(_note(f"Not yet measured: no result for {dataset} in benchmarks/results/*.json yet. "
-                             "The table will fill itself when the reproduction files are committed."))
-        return out
+        path = self.repo_file(self.arguments[0])
+        if path is None:
+            return _note(f"Not yet measured: {self.arguments[0]} does not exist yet.")
+        self.env.note_dependency(str(PAPER))
+        lines = table_lines(rs.load_table(path), ablation="ablation" in self.options)
+        return self.parse_lines(lines) if lines else _note(f"Not yet measured: no such rows in {self.arguments[0]}.")
 
 
-    def _ablation(self, dataset: str) -> List[nodes.Node]:
-        self.env.note_dependency(str(REPO / "benchmarks" / "paper_numbers.json"))
-        t2 = _paper()["table2"]
-        col = t2["columns"].index("ACDC" if dataset == "acdc" else "Synapse")
-        ten = "10%"
-        ours: Dict[str, List[str]] = {}
-        for src, node in _measured_rows(dataset):
-            self.env.note_dependency(str(REPO / src))
-            row = _ABLATION_ROW.get(str(_method(node)).lower())
-            if row is None or _setting(dataset, node) != ten:
-                continue
-            d, ds = _metric(node, _METRIC_KEYS["dice"])
-            n = node.get("n_seeds", node.get("seeds", ""))
-            ours.setdefault(row, []).append(f"{_pct(d, ds, True)} ({src}" + (f", seeds {_fmt(n)})" if n != "" else ")"))
-        rows = [[r, vals[col], "; ".join(ours.get(r, [])) or "not yet measured"] for r, vals in t2["rows"].items()]
-        return [_table(["row", f"paper Dice (%), {dataset.upper() if dataset == 'acdc' else dataset}",
-                        "ours Dice (%)"], rows, f"Table 2 ablation, {dataset}, 10 % labels: the paper beside our runs")]
-
-
-# ----------------------------------------------------------------------------- results / figures
-class Results(SphinxDirective):
-    """``.. dacl-results:: <glob> [<glob> ...]`` with an optional ``:exclude:`` (globs) and
-    ``:values:`` (the top-level keys of a JSON file whose scalar values are shown; default all)."""
-
-    optional_arguments = 1
-    final_argument_whitespace = True
-    option_spec = {"exclude": directives.unchanged, "values": directives.unchanged}
-
-    def run(self):
-        patterns = self.arguments[0].split() if self.arguments else ["benchmarks/results/*"]
-        excluded = set()
-        for pattern in self.options.get("exclude", "").split():
-            excluded.update(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
-        found = []
-        for pattern in patterns:
-            found += [Path(x) for x in glob.glob(str(REPO / pattern), recursive=True)]
-        paths = sorted(p for p in dict.fromkeys(found)
-                       if p.suffix in (".json", ".md") and p.is_file() and p not in excluded)
-        if not paths:
-            return [_note(f"Not yet measured: no result file matches {' '.join(patterns)} yet. The benchmark "
-                          "scripts write their results to benchmarks/results/; this page renders them when "
-                          "they are committed.")]
-        out: List[nodes.Node] = []
-        docdir = Path(self.env.doc2path(self.env.docname)).parent
-        for p in paths:
-            self.env.note_dependency(str(p))
-            out.append(nodes.rubric(text=p.relative_to(REPO).as_posix()))
-            try:
-                values = self.options["values"].split() if "values" in self.options else None
-                out.extend(render_json(p, values) if p.suffix == ".json" else render_markdown(p, docdir))
-            except (OSError, ValueError) as e:
-                out.append(_note(f"Could not read {p.name}: {e}"))
-        return out
-
-
-class Figures(SphinxDirective):
-    """``.. dacl-figures:: <glob> [<glob> ...]`` with an optional ``:exclude:`` (globs)."""
-
+class PaperTable(_Rst):
     required_arguments = 1
-    final_argument_whitespace = True
-    option_spec = {"exclude": directives.unchanged}
 
     def run(self):
-        paths: List[Path] = []
-        for pattern in self.arguments[0].split():
-            paths += sorted(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
-        excluded = set()
-        for pattern in self.options.get("exclude", "").split():
-            excluded.update(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
-        paths = [p for p in dict.fromkeys(paths) if p.suffix.lower() == ".png" and p not in excluded]
-        if not paths:
-            return [_note(f"Not yet measured: no figure matches {self.arguments[0]} yet.")]
-        docdir = Path(self.env.doc2path(self.env.docname)).parent
-        out = []
-        for p in paths:
-            self.env.note_dependency(str(p))
-            out.append(_figure(p.resolve(), docdir, p.relative_to(REPO).as_posix()))
-        return out
+        self.env.note_dependency(str(PAPER))
+        paper = json.loads(PAPER.read_text())
+        which = self.arguments[0]
+        if which == "table2":
+            t = paper["table2"]
+            return self.parse_lines(list_table(["exp.", *t["columns"]], [[k, *v] for k, v in t["rows"].items()],
+                                               t["caption"]))
+        dataset = which.split("-", 1)[1]
+        rows = [[setting, method, *vals] for setting, methods in paper["table1"][dataset].items()
+                for method, vals in methods.items()]
+        name = "ACDC" if dataset == "acdc" else dataset.title()
+        return self.parse_lines(list_table(["labeled", "method", "Dice (%)", "JC (%)", "ASD (voxel)"], rows,
+                                           f"{name}, paper's Table 1"))
 
 
-class Curves(SphinxDirective):
-    """Training curves plotted at build time from the histories in result JSON files.
+# ----------------------------------------------------------------------------- benchmark JSON
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif not (isinstance(v, list) and v and isinstance(v[0], dict)):
+            out[prefix + k] = ", ".join(map(str, v)) if isinstance(v, list) else v
+    return out
 
-    ``.. dacl-curves:: <glob>``: every list of objects with a step key (``step`` or
-    ``iteration``) and numeric series (keys containing ``dice`` or ``loss``) becomes a line
-    plot, one figure per file, embedded as inline SVG in HTML (nothing is written to disk).
-    Needs matplotlib (the ``examples`` extra); without it the page says so.
-    """
 
+class Json(_Rst):
     required_arguments = 1
-    final_argument_whitespace = True
+    optional_arguments = 20
 
     def run(self):
-        paths: List[Path] = []
-        for pattern in self.arguments[0].split():
-            paths += sorted(Path(x) for x in glob.glob(str(REPO / pattern), recursive=True))
-        series = []
-        for p in dict.fromkeys(paths):
-            if p.suffix != ".json" or not p.is_file():
-                continue
-            self.env.note_dependency(str(p))
-            try:
-                data = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            found = []
-            for key, rows in _row_lists(data if isinstance(data, dict) else {"rows": data}):
-                step = next((k for k in ("step", "iteration", "iter") if all(k in r for r in rows)), None)
-                if step is None:
-                    continue
-                for m in sorted({k for r in rows for k in r if ("dice" in k or "loss" in k)}):
-                    pts = [(r[step], r[m]) for r in rows if isinstance(r.get(m), (int, float))]
-                    if len(pts) >= 2:
-                        found.append((f"{key}.{m}", pts))
-            if found:
-                series.append((p.relative_to(REPO).as_posix(), found))
-        if not series:
-            return [_note(f"Not yet measured: no training history in {self.arguments[0]} yet.")]
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return [_note("Training curves need matplotlib (pip install -e '.[examples]').")]
-        import io
-
-        out: List[nodes.Node] = []
-        for name, found in series:
-            fig, ax = plt.subplots(figsize=(6.4, 3.2))
-            for label, pts in found:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=label)
-            ax.set_xlabel("step")
-            ax.set_title(name, fontsize=9)
-            ax.legend(fontsize=7)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            buf = io.StringIO()
-            fig.savefig(buf, format="svg", facecolor="white")
-            plt.close(fig)
-            svg = buf.getvalue()
-            svg = svg[svg.index("<svg"):]
-            out.append(nodes.raw("", f'<div class="dacl-curve">{svg}</div>', format="html"))
-            out.append(_para(f"Training curve from {name}."))
-        return out
+        path = self.repo_file(self.arguments[0])
+        if path is None:
+            return _note(f"Not yet measured: {self.arguments[0]} does not exist yet.")
+        data = json.loads(path.read_text())
+        lines: List[str] = []
+        for key in self.arguments[1:] or list(data):
+            v = data.get(key)
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                flat = [_flatten(x) for x in v]
+                cols = list(dict.fromkeys(k for f in flat for k in f))
+                lines += list_table(cols, [[f.get(c) for c in cols] for f in flat], f"{path.name}: {key}")
+            elif isinstance(v, dict):
+                lines += list_table(["key", "value"], list(_flatten(v).items()), f"{path.name}: {key}", True)
+            elif v is not None:
+                lines += list_table(["key", "value"], [[key, v]], path.name, True)
+        return self.parse_lines(lines)
 
 
 # ----------------------------------------------------------------------------- example scripts
-def _script(directive: SphinxDirective) -> Optional[Path]:
-    path = REPO / directive.arguments[0]
-    if path.exists():
-        directive.env.note_dependency(str(path))
-        return path
-    return None
+class _Captured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__("parser captured")
+        self.parser = parser
 
 
-def _parse(path: Path) -> Optional[ast.Module]:
-    """The script's syntax tree; None while it does not parse (e.g. half-edited)."""
+def script_parser(path: Path):
+    """Import ``path`` (as ``_dacl_docs_<stem>``) and return ``(module, parser)``: its
+    ``build_parser()``, else the parser that its ``parse_args`` or ``main`` builds, caught when
+    it starts parsing."""
+    name = f"_dacl_docs_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    if callable(getattr(mod, "build_parser", None)) and not inspect.signature(mod.build_parser).parameters:
+        return mod, mod.build_parser()
+    original = argparse.ArgumentParser.parse_known_args
+
+    def capture(self, *args, **kwargs):
+        raise _Captured(self)
+
+    argparse.ArgumentParser.parse_known_args = capture
     try:
-        return ast.parse(path.read_text())
-    except (SyntaxError, ValueError, OSError):
-        return None
+        for fn in ("parse_args", "main"):
+            if callable(getattr(mod, fn, None)):
+                try:
+                    getattr(mod, fn)([])
+                except _Captured as c:
+                    return mod, c.parser
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+    raise RuntimeError(f"{path.name}: no build_parser(), parse_args(argv) or main(argv) that builds a parser")
 
 
-def _unparsable(name: str) -> List[nodes.Node]:
-    return [_note(f"{name} does not parse right now; this section renders it once it does.")]
+def _default(a: argparse.Action) -> str:
+    if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "off (flag)" if isinstance(a, argparse._StoreTrueAction) else "on (flag)"
+    if a.default in (None, argparse.SUPPRESS):
+        return ""
+    return ", ".join(map(str, a.default)) if isinstance(a.default, (list, tuple)) else str(a.default)
 
 
-def _missing(name: str) -> List[nodes.Node]:
-    return [_note(f"{name} is not in the repository yet (it is being written); this section renders it "
-                  "automatically once it is committed.")]
-
-
-def _value(node: Optional[ast.AST]) -> Any:
-    """Literal value of an AST node; ``dict(...)`` calls included; source text otherwise."""
-    if node is None:
-        return None
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
-        return {k.arg: _value(k.value) for k in node.keywords if k.arg}
-    if isinstance(node, ast.Dict):
-        return {_value(k): _value(v) for k, v in zip(node.keys, node.values) if k is not None}
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return ast.unparse(node)
-
-
-def _literal(v: Any) -> str:
-    """A default or preset value as it is written in code (``0.0001``, not ``1.000e-04``)."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_literal(x) for x in v)
-    return repr(v)
-
-
-def _module_namespace(tree: ast.Module) -> Dict[str, Any]:
-    """Module-level names bound to literals (``dict(...)`` included), for resolving choices."""
-    ns: Dict[str, Any] = {}
-    for node in tree.body:
-        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
-            node.target if isinstance(node, ast.AnnAssign) else None
-        if isinstance(target, ast.Name) and node.value is not None:
-            v = _value(node.value)
-            if not (isinstance(v, str) and isinstance(node.value, ast.Call)):
-                ns[target.id] = v
-    return ns
-
-
-def _choices(node: ast.AST, ns: Dict[str, Any]) -> str:
-    try:
-        v = ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        try:  # e.g. sorted(PRESETS) with PRESETS defined in the script
-            v = eval(compile(ast.Expression(node), "<choices>", "eval"),  # noqa: S307 - names only
-                     {"__builtins__": {}, "sorted": sorted, "list": list, "tuple": tuple}, dict(ns))
-        except Exception:  # a name imported from elsewhere: show the expression
-            return ast.unparse(node)
-    return ", ".join(map(str, v)) if isinstance(v, (list, tuple, dict)) else str(v)
-
-
-class Cli(SphinxDirective):
-    required_arguments = 1
-
-    def run(self):
-        path = _script(self)
-        if path is None:
-            return _missing(self.arguments[0])
-        tree = _parse(path)
-        if tree is None:
-            return _unparsable(self.arguments[0])
-        ns = _module_namespace(tree)
+def cli_lines(parser: argparse.ArgumentParser, script: str) -> List[str]:
+    lines: List[str] = []
+    for group in parser._action_groups:
         rows = []
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "add_argument"):
+        for a in group._group_actions:
+            if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
                 continue
-            flags = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-            kw = {k.arg: k.value for k in node.keywords if k.arg}
-            default = _value(kw.get("default"))
-            if "action" in kw and _value(kw["action"]) == "store_true":
-                default = "off (flag)"
-            kind = []
-            if "choices" in kw:
-                kind.append("one of " + _choices(kw["choices"], ns))
-            elif "type" in kw:
-                kind.append(ast.unparse(kw["type"]))
-            if "nargs" in kw:
-                kind.append(f"nargs={_value(kw['nargs'])}")
-            help_ = _value(kw.get("help")) or ""
-            rows.append((getattr(node, "lineno", 0), [" / ".join(flags), "" if default is None else _literal(default),
-                                                      "; ".join(kind), help_]))
-        rows.sort(key=lambda r: r[0])
-        out: List[nodes.Node] = []
+            kind = [f"one of {', '.join(map(str, a.choices))}"] if a.choices else \
+                [getattr(a.type, "__name__", str(a.type))] if a.type else []
+            if a.nargs not in (None, 0):
+                kind.append(f"nargs={a.nargs}")
+            help_ = a.help or ""
+            if "%(" in help_:
+                help_ = help_ % {**vars(a), "prog": parser.prog}
+            rows.append([" / ".join(a.option_strings) or a.dest, _default(a), "; ".join(kind), help_])
         if rows:
-            out.append(_table(["flag", "default", "values", "help"], [r[1] for r in rows],
-                              f"command line of {self.arguments[0]} (read from its source)"))
-        presets = None
-        for node in tree.body:
-            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
-                node.target if isinstance(node, ast.AnnAssign) else None
-            if isinstance(target, ast.Name) and target.id == "PRESETS":
-                presets = _value(node.value)
-        if isinstance(presets, dict) and all(isinstance(v, dict) for v in presets.values()):
-            names = list(presets)
-            keys: List[str] = []
-            for v in presets.values():
-                keys += [k for k in v if k not in keys and k != "note"]
-            prow = [[k] + [_literal(presets[n][k]) if k in presets[n] else "" for n in names] for k in keys]
-            out.append(_table(["setting"] + names, prow, f"presets of {self.arguments[0]} (read from PRESETS)"))
-            for n in names:
-                note = presets[n].get("note")
-                if isinstance(note, str):
-                    para = nodes.paragraph()
-                    para += nodes.strong(text=f"{n}: ")
-                    para += nodes.Text(note.split(":", 1)[1].strip() if note.startswith(n + ":") else note)
-                    out.append(para)
-        return out
+            lines += list_table(["flag", "default", "values", "help"], rows,
+                                f"{script}: {group.title} (from its argument parser)", True)
+    return lines
 
 
-class ScriptDoc(SphinxDirective):
+class Cli(_Rst):
     required_arguments = 1
 
     def run(self):
-        path = _script(self)
+        path = self.repo_file(self.arguments[0])
         if path is None:
-            return _missing(self.arguments[0])
-        tree = _parse(path)
-        if tree is None:
-            return _unparsable(self.arguments[0])
-        doc = ast.get_docstring(tree) or "(no module docstring)"
-        return [_code(doc, "text")]
+            return _note(f"{self.arguments[0]} is not in the repository yet.")
+        try:
+            mod, parser = script_parser(path)
+        except Exception as e:  # a warning: -W fails the build, a plain build still shows the page
+            self.state.document.reporter.warning(f"dacl-cli: cannot build the parser of {path.name}: {e!r}")
+            return []
+        lines = cli_lines(parser, self.arguments[0])
+        presets = getattr(mod, "PRESETS", None)
+        if isinstance(presets, dict) and presets and all(isinstance(v, dict) for v in presets.values()):
+            keys = list(dict.fromkeys(k for v in presets.values() for k in v if k != "note"))
+            lines += list_table(["setting", *presets], [[k, *(_preset(v.get(k, "")) for v in presets.values())]
+                                                        for k in keys], f"presets of {self.arguments[0]}", True)
+            lines += [f"- **{n}**: {_cell(v['note'])}" for n, v in presets.items() if isinstance(v.get("note"), str)]
+            lines.append("")
+        return self.parse_lines(lines)
 
 
-def _find_object(tree: ast.Module, dotted: str) -> Optional[ast.AST]:
-    body: List[ast.stmt] = tree.body
-    found: Optional[ast.AST] = None
-    for part in dotted.split("."):
-        found = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                      and n.name == part), None)
-        if found is None:
-            return None
-        body = found.body
-    return found
+def _preset(v: Any) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else repr(v) if not isinstance(v, str) else v
 
 
-class Excerpt(SphinxDirective):
-    """Quote part of a script: ``:pyobject: Class.method`` (found with :mod:`ast`) or the lines
-    from the first match of ``:start:`` to the next match of ``:end:`` (regular expressions)."""
-
+class ScriptDoc(_Rst):
     required_arguments = 1
-    option_spec = {"start": directives.unchanged_required, "end": directives.unchanged_required,
-                   "pyobject": directives.unchanged_required}
 
     def run(self):
-        path = _script(self)
+        path = self.repo_file(self.arguments[0])
         if path is None:
-            return _missing(self.arguments[0])
-        text = path.read_text()
-        lines = text.splitlines()
-        start = end = None
-        if "pyobject" in self.options:
-            tree = _parse(path)
-            if tree is None:
-                return _unparsable(self.arguments[0])
-            obj = _find_object(tree, self.options["pyobject"])
-            if obj is not None:
-                decorators = getattr(obj, "decorator_list", [])
-                start = min([obj.lineno] + [d.lineno for d in decorators]) - 1
-                end = obj.end_lineno - 1
-        elif "start" in self.options and "end" in self.options:
-            start_re, end_re = re.compile(self.options["start"]), re.compile(self.options["end"])
-            start = next((i for i, l in enumerate(lines) if start_re.search(l)), None)
-            if start is not None:
-                end = next((i for i in range(start, len(lines)) if end_re.search(lines[i])), None)
-        if start is None or end is None:
-            return [_note(f"(The part of {self.arguments[0]} this section quotes has moved; read the script "
-                          "itself.)")]
-        chunk = lines[start:end + 1]
-        indent = min((len(l) - len(l.lstrip()) for l in chunk if l.strip()), default=0)
-        block = _code("\n".join(l[indent:] for l in chunk))
-        block["linenos"] = True
-        block["highlight_args"] = {"linenostart": start + 1}
-        cap = nodes.paragraph()
-        cap += nodes.emphasis(text=f"{self.arguments[0]}, lines {start + 1}-{end + 1}:")
-        return [cap, block]
+            return _note(f"{self.arguments[0]} is not in the repository yet.")
+        doc = ast.get_docstring(ast.parse(path.read_text())) or "(no module docstring)"
+        block = nodes.literal_block(doc, doc)
+        block["language"] = "text"
+        return [block]
 
 
-class Defaults(SphinxDirective):
-    """Constructor defaults of a class, read with :mod:`inspect` at build time.
-
-    ``.. dacl-defaults:: torch_dacl.SoftDensityContrastiveLoss`` with an optional
-    ``:names:`` option (space-separated parameter names, in the order to show).
-    """
-
+class Defaults(_Rst):
     required_arguments = 1
     option_spec = {"names": directives.unchanged_required}
 
     def run(self):
-        import importlib
-        import inspect
-
         mod, _, name = self.arguments[0].rpartition(".")
-        cls = getattr(importlib.import_module(mod), name)
-        params = inspect.signature(cls.__init__).parameters
+        params = inspect.signature(getattr(importlib.import_module(mod), name).__init__).parameters
         wanted = self.options.get("names", "").split() or [p for p in params if p != "self"]
-        rows = []
-        for p in wanted:
-            par = params[p]
-            default = "(required)" if par.default is inspect.Parameter.empty else repr(par.default)
-            rows.append([p, default])
-        return [_table(["argument", "default"], rows, f"defaults of {name} (read from the code)")]
+        rows = [[p, "(required)" if params[p].default is inspect.Parameter.empty else repr(params[p].default)]
+                for p in wanted]
+        return self.parse_lines(list_table(["argument", "default"], rows, f"defaults of {name} (read from the code)",
+                                           True))
 
 
 def setup(app):
-    app.add_directive("dacl-results", Results)
-    app.add_directive("dacl-comparison", Comparison)
-    app.add_directive("dacl-paper-table", PaperTable)
-    app.add_directive("dacl-figures", Figures)
-    app.add_directive("dacl-curves", Curves)
-    app.add_directive("dacl-cli", Cli)
-    app.add_directive("dacl-script-doc", ScriptDoc)
-    app.add_directive("dacl-excerpt", Excerpt)
-    app.add_directive("dacl-defaults", Defaults)
-    return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}
+    for name, cls in (("dacl-table", Table), ("dacl-paper-table", PaperTable), ("dacl-json", Json),
+                      ("dacl-cli", Cli), ("dacl-script-doc", ScriptDoc), ("dacl-defaults", Defaults)):
+        app.add_directive(name, cls)
+    return {"version": "0.2", "parallel_read_safe": True, "parallel_write_safe": True}
