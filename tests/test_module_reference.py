@@ -348,3 +348,33 @@ def test_random_sampling_does_not_pick_by_density(anchor_mode):
     assert len(anchor_sets) > 1 and len(pos_sets) > 1  # density sampling gives one set (next line)
     assert len({tuple(sorted(density(emb, labels, return_details=True).anchor_density[ref.anchor_valid].tolist()))
                 for _ in range(3)}) == 1
+
+
+def test_details_per_class_summaries_are_the_masked_means():
+    module, ref = module_and_reference(num_anchors=3, num_positives=4, bank_size=3)
+    for step in range(2):
+        emb, labels = make_batch(990 + step, min_count=8)
+        out = module(emb, labels, return_details=True)
+    s = out.per_class()
+    assert set(s) == {"sampled", "anchors", "anchor_density", "positives", "positive_density",
+                      "anchor_center_cosine", "overlap", "bank_fill"}
+    counts = torch.bincount(labels.flatten(), minlength=3).float()
+    torch.testing.assert_close(s["sampled"], counts)
+    torch.testing.assert_close(s["anchors"], torch.full((3,), 3.0))
+    torch.testing.assert_close(s["positives"], torch.full((3,), 2.0))
+    for c in range(3):
+        torch.testing.assert_close(s["anchor_density"][c], out.anchor_density[c][out.anchor_valid[c]].mean())
+        torch.testing.assert_close(s["positive_density"][c], out.positive_density[c][out.positive_valid[c]].mean())
+        torch.testing.assert_close(s["anchor_center_cosine"][c],
+                                   out.anchor_center_cosine[c][out.anchor_valid[c]].mean())
+        assert s["anchor_density"][c] < s["positive_density"][c]  # anchors: low end, positives: high end
+    torch.testing.assert_close(s["overlap"], torch.zeros(3))
+    torch.testing.assert_close(s["bank_fill"], torch.full((3,), 3.0))  # 2 steps x 2 images, bank of 3
+    assert all(v.shape == (3,) and v.dtype == torch.float32 for v in s.values())
+
+
+def test_defaults_are_the_papers():
+    m = SoftDensityContrastiveLoss(num_classes=2, dim=4)
+    assert (m.temperature, m.num_anchors, m.num_positives, m.num_negatives, m.bank.size) == (0.4, 256, 512, 512, 1000)
+    assert m.ks == (8, 16, 32) and m.weighting == "paper" and m.bank_source == "prototype"
+    assert m.gather_distributed is False and m.update_bank_in_eval is False and m.include_positive is False
