@@ -1,4 +1,4 @@
-"""Qualitative ACDC figures: test slices with the ground truth and predictions overlaid.
+"""Qualitative figures of both examples: test slices with the ground truth and predictions overlaid.
 
 Every training run writes ``test_slices.npz`` (a few test slices: image, ground truth and
 its prediction) and its own ``test_predictions.png``. To put several runs side by side on
@@ -45,7 +45,7 @@ def load_slices(path: Path) -> Dict[str, dict]:
     if path.is_dir():
         path = path / "test_slices.npz"
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: pass a run folder written by acdc_cps_dacl.py")
+        raise FileNotFoundError(f"{str(path)!r} does not exist: pass a run folder written by an example")
     data = np.load(path)
     out: Dict[str, dict] = {}
     for k in data.files:
@@ -70,7 +70,7 @@ def render(runs: Sequence[Tuple[str, Dict[str, dict]]], out: Path, max_rows: int
         raise ValueError("the runs share no test slice (they were evaluated on different test volumes)")
     ref = runs[0][1]
     colors, legend = COLORS, "ACDC test slices (red RV, green Myo, blue LV)"
-    if class_names is not None:
+    if class_names is not None and tuple(class_names[1:]) != ("RV", "Myo", "LV"):
         import matplotlib.colors as mcolors
 
         tab = ["blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan"]

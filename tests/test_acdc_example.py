@@ -244,27 +244,30 @@ def test_methods_and_ablation_switches_run(fake_root, tmp_path, extra):
 
 
 def test_warmup_scales_with_steps():
-    cfg = acdc_cps_dacl.make_config(acdc_cps_dacl.parse_args(["--preset", "paper"]))
+    cfg = acdc_cps_dacl.make_config(["--preset", "paper"])
     assert cfg["warmup_steps"] == 1000 and cfg["steps"] == 30000
     assert (cfg["size"], cfg["labeled_bs"], cfg["unlabeled_bs"]) == (256, 12, 12)
-    cfg = acdc_cps_dacl.make_config(acdc_cps_dacl.parse_args(["--preset", "quick", "--steps", "3000"]))
+    cfg = acdc_cps_dacl.make_config(["--preset", "quick", "--steps", "3000"])
     assert cfg["warmup_steps"] == 100
 
 
 # ----------------------------------------------------------------------------- the real smoke run
 def _check_metrics(m: dict) -> None:
-    for key in ("method", "preset", "seed", "labeled_slices", "steps", "best_val_dice", "val_volumes",
-                "reduced_evaluation", "test", "wall_seconds"):
+    """The run record (examples/results_schema.py)."""
+    for key in ("identity", "best", "val_history", "test", "timing", "environment", "config", "extra"):
         assert key in m, key
+    for key in ("method", "preset", "seed", "labeled", "labeled_unit", "steps"):
+        assert key in m["identity"], key
+    assert "labeled_slices" in m["extra"] and "reduced_evaluation" in m["extra"] and m["timing"]["wall_seconds"] > 0
     t = m["test"]
-    assert t["split"] == "test" and t["units"].startswith("voxels")
-    assert set(t["mean"]) == {"dice", "jaccard", "hd95", "asd"}
-    for metric, v in t["mean"].items():
+    assert t["units"]["hd95"] == "voxels" and t["classes"] == ["RV", "Myo", "LV"]
+    for metric in ("dice", "jaccard", "hd95", "asd"):
+        v = t["mean"][metric]
         assert isinstance(v, float) and math.isfinite(v), metric
         assert set(t["per_class"][metric]) == {"RV", "Myo", "LV"}
     assert 0.0 <= t["mean"]["dice"] <= 1.0 and 0.0 <= t["mean"]["jaccard"] <= 1.0
     assert t["mean"]["hd95"] >= 0 and t["mean"]["asd"] >= 0
-    assert len(t["per_case"]) == t["num_volumes"] == len(t["cases"])
+    assert len(t["per_case"]) == t["num_cases"]
     for case in t["per_case"].values():
         assert len(case["dice"]) == 3
 
@@ -277,9 +280,9 @@ def test_smoke_preset_on_real_data(tmp_path, acdc_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     _check_metrics(m)
-    assert m["preset"] == "smoke" and m["reduced_evaluation"] is True
-    assert m["test"]["num_volumes"] == 3 and m["test"]["num_volumes_in_split"] == 40
-    assert m["labeled_slices"] == 136 and m["steps"] == 30
+    assert m["identity"]["preset"] == "smoke" and m["extra"]["reduced_evaluation"] is True
+    assert m["test"]["num_cases"] == 3 and m["extra"]["test_volumes_in_split"] == 40
+    assert m["extra"]["labeled_slices"] == 136 and m["identity"]["steps"] == 30
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["method"] == "dacl" and cfg["size"] == 64
     assert (run / "test_predictions.png").stat().st_size > 1000
@@ -288,7 +291,7 @@ def test_smoke_preset_on_real_data(tmp_path, acdc_dir):
     # standalone evaluation of the checkpoint, and the multi-run comparison figure
     res = evaluate_acdc.main([str(run / "best.pt"), "--limit", "1", "--output", str(tmp_path / "eval.json")])
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["num_volumes"] == 1 and set(ev["mean"]) == {"dice", "jaccard", "hd95", "asd"}
+    assert ev["num_cases"] == 1 and set(ev["mean"]) == {"dice", "jaccard", "hd95", "asd"}
     assert res["mean"] == ev["mean"]
     out = acdc_plot.main([str(run), str(run), "--names", "one", "two", "-o", str(tmp_path / "cmp.png")])
     assert out.stat().st_size > 1000

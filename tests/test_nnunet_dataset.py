@@ -77,8 +77,8 @@ def _save(path: Path, arr_zyx: np.ndarray, spacing_zyx) -> None:
 
 
 # the examples' smoke presets, reduced further so that each run takes a few seconds
-TINY_3D = ["--preset", "smoke", "--iterations", "2", "--val-every", "2", "--warmup-steps", "1", "--no-progress", "--device", "cpu",
-           "--threads", "1", "--max-test-cases", "1"]
+TINY_3D = ["--preset", "smoke", "--steps", "2", "--val-every", "2", "--warmup-steps", "1", "--no-progress", "--device", "cpu",
+           "--threads", "1", "--test-volumes", "1"]
 TINY_2D = ["--preset", "smoke", "--size", "32", "--labeled-bs", "2", "--unlabeled-bs", "2", "--steps", "2",
            "--val-every", "2", "--decoder-channels", "16", "16", "8", "--encoder", "tu-regnetx_002",
            "--embed-dim", "8", "--num-anchors", "16", "--num-positives", "16", "--num-negatives", "16",
@@ -236,7 +236,7 @@ def test_cli_error_names_the_file(tmp_path):
     root = make_dataset(tmp_path / "ds")
     (root / "labelsTr" / "case_004.nii.gz").unlink()
     r = subprocess.run([sys.executable, str(EXAMPLES / "synapse_cps_dacl.py"), "--dataset-dir", str(root),
-                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+                        "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "image without its label" in r.stderr and "case_004" in r.stderr
 
@@ -250,18 +250,18 @@ def test_3d_example_end_to_end(tmp_path, classes, channels):
 
     root = make_dataset(tmp_path / "ds", classes=classes, channels=channels, n_cases=6)
     out = tmp_path / "run"
-    m = ex.main(["--dataset-dir", str(root), "--out", str(out), "--labeled", "0.5"] + TINY_3D)
-    assert m["dataset"] == "nnunet"
-    assert list(m["test"]["per_organ"]) == list(classes[1:])
-    assert all(0.0 <= v["dice"] <= 1.0 for v in m["test"]["per_organ"].values())
+    m = ex.main(["--dataset-dir", str(root), "--output-dir", str(out), "--labeled", "0.5"] + TINY_3D)
+    assert m["identity"]["dataset"] == "nnunet"
+    assert m["test"]["classes"] == list(classes[1:])
+    assert all(0.0 <= v <= 1.0 for v in m["test"]["per_class"]["dice"].values())
     cfg = json.loads((out / "config.json").read_text())
     plan = cfg["nnunet"]["plan"]
     assert cfg["in_channels"] == len(channels) and cfg["nnunet"]["dataset"]["class_names"] == list(classes)
     assert list(cfg["patch"]) == plan["patch"] and cfg["n_stages"] == len(cfg["features"]) <= 3
     split = json.loads((out / "split.json").read_text())
     assert (len(split["labeled"]), len(split["unlabeled"]), len(split["val"]), len(split["test"])) == (2, 2, 1, 1)
-    assert m["split"]["labeled"] == split["labeled"] and m["split"]["test"] == split["test"]
-    assert (out / "test_slices.png").stat().st_size > 1000
+    assert m["extra"]["split"]["labeled"] == split["labeled"] and m["extra"]["split"]["test"] == split["test"]
+    assert (out / "test_predictions.png").stat().st_size > 1000
     # the saved split reproduces the run's split
     again = nd.resolve_split(list(nd.list_cases(nd.read_dataset_json(root))), out / "split.json", None)
     assert again["labeled"] == split["labeled"] and again["test"] == split["test"]
@@ -307,14 +307,14 @@ def test_2d_example_end_to_end(tmp_path, kind):
     assert cfg["num_classes"] == len(classes) and cfg["in_channels"] == len(channels)
     assert cfg["class_names"] == list(classes)
     split = json.loads((out / "split.json").read_text())
-    assert len(split["labeled"]) == 2 and t["cases"][0] in split["test"]
+    assert len(split["labeled"]) == 2 and list(t["per_case"])[0] in split["test"]
     if kind != "2d-png-binary":
         assert cfg["nnunet"]["plan"]["slice_axis"] == 2
         assert (out / "test_predictions.png").stat().st_size > 1000
         import evaluate_acdc  # the standalone evaluation finds the dataset and the split of the run
 
         ev = evaluate_acdc.main([str(out / "best.pt"), "--output", str(tmp_path / "eval.json")])
-        assert ev["mean"] == t["mean"] and ev["class_names"] == list(classes[1:])
+        assert ev["mean"] == t["mean"] and ev["classes"] == list(classes[1:])
 
 
 # ----------------------------------------------------------------------------- CHAOS-T2 converted
@@ -371,14 +371,15 @@ def test_chaos_converted_smoke_matches_the_chaos_run(tmp_path):
     dst = conv.main(["chaos", str(CHAOS_DIR), str(tmp_path / "Dataset501_CHAOS_T2")])
     out = tmp_path / "run"
     m = ex.main(["--preset", "smoke", "--method", "dacl", "--dataset-dir", str(dst), "--labeled", "2",
-                 "--out", str(out), "--no-progress", "--device", "cpu"])
+                 "--output-dir", str(out), "--no-progress", "--device", "cpu"])
     ref = sd.load_split("chaos_t2", 2)
-    assert [conv.chaos_source_id(c) for c in m["split"]["labeled"]] == ref["labeled"]
-    assert [conv.chaos_source_id(c) for c in m["split"]["unlabeled"]] == ref["unlabeled"]
-    assert [conv.chaos_source_id(c) for c in m["split"]["test"]] == ref["test"][:2]
-    assert list(m["test"]["per_organ"]) == ["liver", "right_kidney", "left_kidney", "spleen"]
-    assert m["iterations"] == 8 and m["best_val"]["iteration"] == 8
-    assert m["network"]["feature_layer"] == "decoder.stages.1"  # 3 stages, as the chaos smoke run
-    assert m["nnunet"]["plan"]["target_spacing"] == pytest.approx([7.7, 5.0, 5.0], rel=1e-3)  # = chaos_zoom 0.25
-    for name in ("last.pt", "best.pt", "test_slices.png", "config.json", "split.json"):
+    split, extra = m["extra"]["split"], m["extra"]
+    assert [conv.chaos_source_id(c) for c in split["labeled"]] == ref["labeled"]
+    assert [conv.chaos_source_id(c) for c in split["unlabeled"]] == ref["unlabeled"]
+    assert [conv.chaos_source_id(c) for c in split["test"]] == ref["test"][:2]
+    assert m["test"]["classes"] == ["liver", "right_kidney", "left_kidney", "spleen"]
+    assert m["identity"]["steps"] == 8 and m["best"]["step"] == 8
+    assert extra["network"]["feature_layer"] == "decoder.stages.1"  # 3 stages, as the chaos smoke run
+    assert extra["nnunet"]["plan"]["target_spacing"] == pytest.approx([7.7, 5.0, 5.0], rel=1e-3)  # = chaos_zoom 0.25
+    for name in ("last.pt", "best.pt", "test_predictions.png", "config.json", "split.json"):
         assert (out / name).exists()

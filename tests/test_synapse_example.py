@@ -216,17 +216,17 @@ def test_smoke_preset_end_to_end(tmp_path, chaos_dir):
 
     out = tmp_path / "run"
     m = ex.main(["--preset", "smoke", "--method", "dacl", "--dataset", "chaos", "--labeled", "2",
-                 "--data-root", str(chaos_dir.parent), "--out", str(out), "--no-progress", "--device", "cpu"])
+                 "--data-root", str(chaos_dir.parent), "--output-dir", str(out), "--no-progress", "--device", "cpu"])
     with open(out / "metrics.json") as f:
         saved = json.load(f)
-    assert saved["test"]["mean_dice"] == pytest.approx(m["test"]["mean_dice"])
-    organs = saved["test"]["per_organ"]
-    assert list(organs) == ["liver", "right_kidney", "left_kidney", "spleen"]
-    assert all(0.0 <= v["dice"] <= 1.0 for v in organs.values())
-    assert len(saved["test_per_case"]) == 2 and saved["split"]["test"] == sd.load_split("chaos_t2", 2)["test"][:2]
-    assert "smoke" in saved["reduced"] and saved["iterations"] == 8
-    assert saved["history"] and saved["best_val"]["iteration"] == 8
-    assert saved["network"]["feature_layer"] == "decoder.stages.1"
-    for name in ("last.pt", "best.pt", "test_slices.png"):
+    assert saved["test"]["mean"]["dice"] == pytest.approx(m["test"]["mean"]["dice"])
+    assert saved["test"]["classes"] == ["liver", "right_kidney", "left_kidney", "spleen"]
+    assert all(0.0 <= v <= 1.0 for v in saved["test"]["per_class"]["dice"].values())
+    extra = saved["extra"]
+    assert len(saved["test"]["per_case"]) == 2 and extra["split"]["test"] == sd.load_split("chaos_t2", 2)["test"][:2]
+    assert "smoke" in extra["reduced"] and saved["identity"]["steps"] == 8
+    assert saved["val_history"] and saved["best"]["step"] == 8
+    assert extra["network"]["feature_layer"] == "decoder.stages.1"
+    for name in ("last.pt", "best.pt", "test_predictions.png", "test_slices.npz"):
         assert (out / name).exists()
     assert any((out / "tb").iterdir())

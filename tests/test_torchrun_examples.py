@@ -77,15 +77,16 @@ def test_acdc_smoke_under_torchrun(tmp_path, acdc_dir):
     # rank 0 alone tests and writes: one result table, one "run folder" line
     assert out.count("run folder:") == 1 and out.count("ACDC test:") == 1, out[-3000:]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["per_rank_batch"] == [1, 1]
-    assert m["steps"] == 30 and m["preset"] == "smoke" and m["method"] == "dacl"
+    assert m["environment"]["world_size"] == 2 and m["extra"]["per_rank_batch"] == [1, 1]
+    ident = m["identity"]
+    assert ident["steps"] == 30 and ident["preset"] == "smoke" and ident["method"] == "dacl"
     assert [h["step"] for h in m["val_history"]] == [15, 30]
-    assert m["test"]["num_volumes"] == 3
+    assert m["test"]["num_cases"] == 3
     assert all(math.isfinite(v) for v in m["test"]["mean"].values())
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["labeled_bs"] == 2  # the global batch
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-    assert ck["step"] == 30 and len(ck["rng_ranks"]) == 2
+    assert ck["step"] == 30 and len(ck["ranks"]) == 2
     assert not any(k.startswith("module.") for k in ck["model"])  # the unwrapped model's keys
     for name in ("best.pt", "test_predictions.png"):
         assert (run / name).is_file()
@@ -98,14 +99,14 @@ def test_synapse_smoke_under_torchrun(tmp_path, chaos_dir):
     pytest.importorskip("medpy")
     out_dir = tmp_path / "run"
     # the smoke preset's 1 + 1 patches cannot be split over 2 ranks: 2 + 2 globally, 1 + 1 per rank
-    r = _torchrun("synapse_cps_dacl.py", "--preset", "smoke", "--out", str(out_dir), "--threads", "1",
-                  "--no-progress", "--batch-labeled", "2", "--batch-unlabeled", "2", "--data-root", str(chaos_dir.parent))
+    r = _torchrun("synapse_cps_dacl.py", "--preset", "smoke", "--output-dir", str(out_dir), "--threads", "1",
+                  "--no-progress", "--labeled-bs", "2", "--unlabeled-bs", "2", "--data-root", str(chaos_dir.parent))
     out = r.stdout + r.stderr
     assert out.count("test mean Dice") == 1, out[-3000:]
     m = json.loads((out_dir / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["per_rank_batch"] == [1, 1] and m["iterations"] == 8
-    assert m["best_val"]["iteration"] == 8 and len(m["test_per_case"]) == 2
-    assert all(0.0 <= v["dice"] <= 1.0 for v in m["test"]["per_organ"].values())
+    assert m["environment"]["world_size"] == 2 and m["extra"]["per_rank_batch"] == [1, 1]
+    assert m["identity"]["steps"] == 8 and m["best"]["step"] == 8 and len(m["test"]["per_case"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in m["test"]["per_class"]["dice"].values())
     ck = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
-    assert len(ck["ranks"]) == 2 and ck["iteration"] == 8
-    assert not any(k.startswith("module.") for k in ck["wrapper"])
+    assert len(ck["ranks"]) == 2 and ck["step"] == 8
+    assert not any(k.startswith("module.") for k in ck["model"])

@@ -1,0 +1,673 @@
+"""The training engine under both examples: co-training (CPS) + DACL, written once.
+
+A dataset script (``acdc_cps_dacl.py``, ``synapse_cps_dacl.py``) describes a :class:`Task`:
+its presets, its own flags, its data, its two networks and its evaluation; :func:`main` does
+the rest: the command line (:func:`build_parser`, the flags common to both scripts), the
+run folder guard (``--overwrite`` / ``--resume``), the start-up summary, the loop with poly
+learning rate, AMP (``--amp bf16|fp16|none``) and DDP (``_dist.py``), the validation
+schedule, checkpoints and exact resume, logging (tqdm, TensorBoard, DACL's diagnostics) and
+the metrics record (``metrics.json``).
+
+Loss per step: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(a) +
+L_CL(b))``; ``L_sup`` (the task's, CE + Dice) on the labeled part of the batch, everything
+after it is the library's :class:`torch_dacl.DACLObjective` (CPS for ``--method cps``, CPS +
+DACL for ``dacl``; ``sup`` trains on the labeled part alone). The DACL losses run from the
+first step (lambda_CL = 0 in the warm-up), so the memory banks are full when the term
+switches on.
+
+Checkpoints: ``last.pt`` holds ``model`` (the co-training wrapper), ``objective`` (both DACL
+losses, their banks and the schedule), ``optimizer``, ``scaler``, ``step``, ``best``,
+``history``, ``diagnostics``, ``rng`` (torch, numpy, python, CUDA), ``data`` (the task's
+sampler state), ``config`` and, under DDP, ``ranks`` (every rank's ``rng`` and ``data``):
+``--resume`` continues bit-exactly. ``best.pt`` holds ``model``, ``config``, ``step`` and
+``val_dice``.
+
+Empty masks (medpy's metrics are undefined there), in both examples (:func:`case_metrics`):
+prediction and ground truth both empty: Dice = Jaccard = 1, HD95 = ASD = 0; exactly one
+empty: Dice = Jaccard = 0, HD95 = ASD = the volume's diagonal (``sqrt(Z^2 + Y^2 + X^2)`` in
+voxels, or in mm with the spacing: the largest possible distance, a worst-case penalty).
+Every mean is then over all volumes; the number of such cases is recorded (``empty_cases``).
+
+Distributed (``torchrun --nproc_per_node=N``, docs/distributed.rst): ``--labeled-bs`` and
+``--unlabeled-bs`` stay the *global* batch (multiples of N); data order, augmentation and
+DACL sampling are seeded per rank (``seed + rank``), the networks' initialisation is the
+same on all ranks; DDP wraps the networks, DACL gathers its samples over the ranks,
+BatchNorm becomes SyncBatchNorm on CUDA. Rank 0 alone logs, saves and evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+# OpenMP threads that spin while waiting make a CPU shared with other jobs crawl (12 s instead of
+# 0.7 s per step measured on 2 busy cores); set before torch loads libgomp.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dist  # noqa: E402
+from nnunet_data import NnUNetDataError, parse_labeled  # noqa: E402
+from torch_dacl import DACLObjective, gradient_share  # noqa: E402
+from torch_dacl.functional import gaussian_rampup  # noqa: E402
+from acdc_plot import render, save_slices, select_slices  # noqa: E402
+from results_schema import METRICS, Best, Environment, Identity, RunRecord, TestResult, Timing, ValPoint  # noqa: E402
+
+try:  # Table 2's rows by name, where the library has them
+    from torch_dacl.ablation import table2_options
+except ImportError:  # pragma: no cover
+    table2_options = None
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PAPER_STEPS, PAPER_WARMUP = 30000, 1000
+EMPTY_CONVENTION = ("both empty: dice=jaccard=1, hd95=asd=0; exactly one empty: dice=jaccard=0, "
+                    "hd95=asd=volume diagonal in voxels (worst case)")
+RUN_OUTPUTS = ("metrics.json", "last.pt", "best.pt", "config.json", "test_slices.npz", "test_predictions.png")
+# configuration keys that may differ on --resume without a warning
+RUNTIME_KEYS = ("device", "threads", "workers", "log_every", "no_progress", "no_plot", "resume", "overwrite",
+                "stop_at", "output_dir", "world_size")
+
+
+class Task:
+    """What a dataset script provides; the engine calls these in this order."""
+
+    name = "task"
+    doc = ""                    # the script's docstring (description and epilog of --help)
+    presets: Dict[str, dict] = {}
+    defaults: Dict[str, Any] = {}  # this script's defaults of common flags and of preset-free settings
+    paper_labeled: Tuple[int, ...] = ()  # --labeled on the built-in dataset: the paper's counts ...
+    labeled_default: Optional[int] = None  # ... and the default one
+    summary_keys: Tuple[str, ...] = ()  # the task's settings shown in the start-up summary
+    find_unused_parameters = False
+    reseed_after_model = True   # False: the training RNG continues from the model's initialisation
+    data_error: Tuple[type, ...] = (NnUNetDataError,)  # data errors the command line reports in one line
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The dataset's and the model's own flags."""
+
+    def configure(self, cfg: dict, args: dict) -> None:
+        """Derived settings (in place), after flags and presets are merged (``args``: the flags
+        as parsed, None where a preset or default applies)."""
+
+    def output_dir(self, cfg: dict) -> Path:
+        return REPO_ROOT / "runs" / f"{self.name}_{cfg['method']}_{cfg['preset']}_seed{cfg['seed']}"
+
+    def build_data(self, cfg: dict, run_dir: Path) -> Any:
+        """An object with ``class_names`` (background first), ``summary`` (one line),
+        ``batches(start_step, lbs, ubs)`` (an iterator of ``(x, y)`` on the CPU, labeled rows
+        first), ``state_dict()`` / ``load_state_dict()`` / ``reseed(seed, step)``."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: dict, data) -> nn.Module:
+        raise NotImplementedError  # a torch_dacl.CoTrainingWrapper
+
+    def sup_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, wrapper, data, split: str, cfg: dict, device, amp, full: bool, keep=()):
+        """:func:`test_result` of :func:`case_metrics` per volume, and ``{case: {"image", "label",
+        "pred"}}`` (``(Z, Y, X)`` arrays) of the cases in ``keep``."""
+        raise NotImplementedError
+
+    def record_extra(self, cfg: dict, data) -> dict:
+        """Fields of the metrics record's ``extra`` (split, network, ...)."""
+        return {}
+
+
+# ----------------------------------------------------------------------------- command line
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" for preset-set and optional values
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def build_parser(task: Task) -> argparse.ArgumentParser:
+    """The script's parser: the common flags (same names and types in both scripts) and the
+    task's; a flag that a preset sets defaults to the preset (its help lists the values)."""
+    doc = task.doc
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=_Help,
+                                epilog="Examples::" + doc.split("Examples::", 1)[1].split("\n\n\n")[0]
+                                if "Examples::" in doc else None)
+    _run_flags(p.add_argument_group("run"), task)
+    _optim_flags(p.add_argument_group("optimisation and evaluation"))
+    _objective_flags(p.add_argument_group("objective: CPS and DACL (paper defaults; ablation switches)"))
+    task.add_arguments(p.add_argument_group(f"{task.name}: data and model"))
+    p.set_defaults(**{k: v for k, v in task.defaults.items() if k in {a.dest for a in p._actions}})
+    preset_keys = {k for pr in task.presets.values() for k in pr}
+    p.preset_fallback = {a.dest: a.default for a in p._actions if a.dest in preset_keys}
+    for a in p._actions:  # a preset's value is the default: None here, the values in the help
+        a.help = a.help or a.dest.replace("_", " ")
+        if a.dest in preset_keys:
+            vals = ", ".join(f"{n} {_fmt(pr.get(a.dest, a.default))}" for n, pr in task.presets.items())
+            a.help, a.default = f"{a.help or ''} (preset: {vals})".strip(), None
+    return p
+
+
+def _run_flags(g, task: Task) -> None:
+    g.add_argument("--preset", choices=list(task.presets), default="smoke")
+    g.add_argument("--method", choices=("sup", "cps", "dacl"), default="dacl",
+                   help="sup: the labeled data only; cps: cross pseudo supervision; dacl: CPS + DACL")
+    g.add_argument("--labeled", "--labeled-patients", type=parse_labeled, default=None,
+                   help="labeled training cases: a count, or a fraction 0<x<1 (--dataset-dir; default the split's "
+                        "labeled list, else a quarter); the built-in datasets take the paper's counts "
+                        f"{' or '.join(map(str, task.paper_labeled))} (default {task.labeled_default})")
+    g.add_argument("--data-root", default=None, help="folder holding the datasets (default: $TORCH_DACL_DATA, else "
+                   "the cache of examples/get_data.py, ~/.cache/torch-dacl/data)")
+    g.add_argument("--dataset-dir", default=None, help="your own dataset: an nnU-Net raw folder (dataset.json, "
+                   "imagesTr/, labelsTr/); see docs/tutorials/own_data.rst")
+    g.add_argument("--split", default=None, help="--dataset-dir: split JSON (train/val/test, optional labeled); "
+                   "default <dataset-dir>/split.json if present, else generated")
+    g.add_argument("--split-seed", type=int, default=0, help="--dataset-dir: seed of a generated split")
+    g.add_argument("--output-dir", "--out", type=Path, default=None, help="run folder (default: under runs/)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="mixed precision")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a checkpoint (no PATH: <output-dir>/last.pt, if it exists)")
+    g.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds an earlier run "
+                   "(its outputs are deleted first); without it or --resume such a run is refused")
+    g.add_argument("--stop-at", type=int, default=None, help="stop after this step as if interrupted")
+    g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard scalars and DACL diagnostics")
+    g.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves (default: val_every)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-plot", action="store_true", help="no picture of the test predictions")
+
+
+def _optim_flags(g) -> None:
+    g.add_argument("--steps", "--iterations", type=int, default=30000, help="training iterations")
+    g.add_argument("--labeled-bs", "--batch-labeled", type=int, default=2,
+                   help="labeled samples per step; under torchrun the global batch, split over the ranks")
+    g.add_argument("--unlabeled-bs", "--batch-unlabeled", type=int, default=2,
+                   help="unlabeled samples per step; under torchrun the global batch")
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (poly decay)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--poly-power", type=float, default=0.9)
+    g.add_argument("--embed-dim", type=int, default=64, help="projection head output D")
+    g.add_argument("--eval-model", choices=("a", "b", "ensemble"), default="a", help="the network(s) evaluated")
+    g.add_argument("--val-every", type=int, default=200, help="steps between validations")
+    g.add_argument("--val-volumes", "--max-val-cases", type=int, default=None, help="val volumes (0 = all)")
+    g.add_argument("--test-volumes", "--max-test-cases", type=int, default=None, help="test volumes (0 = all)")
+
+
+def _objective_flags(g) -> None:
+    if table2_options is not None:
+        g.add_argument("--table2-row", choices=("II", "III", "IV", "V", "VI"), default=None,
+                       help="Table 2's ablation row (sets the DACL options below that it names)")
+    g.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
+    g.add_argument("--lambda-cross", type=float, default=1.0, help="weight of the CPS loss")
+    g.add_argument("--cross-rampup", type=int, default=0, help="steps of a Gaussian ramp-up of lambda_cross (0: none)")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps with lambda_CL = 0 (default: 1000 * steps / 30000, docs: Design decisions, 3.4)")
+    g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction", "class_prior"), default="fixed",
+                   help="which unlabeled pixels get a pseudo label for DACL: fixed = confidence above "
+                        "--pseudo-confidence; class_fraction = also the most confident --pseudo-fraction of each "
+                        "predicted class; class_prior = also, per class, the pixels most likely to be it, "
+                        "--pseudo-fraction x its share of the labeled pixels")
+    g.add_argument("--pseudo-confidence", type=float, default=0.95,
+                   help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi, see --mask-threshold)")
+    g.add_argument("--pseudo-fraction", type=float, default=0.5, help="see --pseudo-policy")
+    g.add_argument("--head-weight", type=float, default=None, help="the projection heads learn from this times the "
+                   "DACL loss at every step (default: the paper, lambda_CL(t))")
+    g.add_argument("--grad-share-every", type=int, default=None, help="every N steps, measure DACL's share of the "
+                   "gradient norm on the networks (3 extra backward passes)")
+    g.add_argument("--reduction", choices=("mean", "sum"), default="mean", help="DACL loss over the anchors")
+    g.add_argument("--mask-threshold", type=float, default=0.5, help="phi of Eq. 2 (prototype masks)")
+    g.add_argument("--temperature", type=float, default=0.4)
+    g.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32], help="kNN scales; one value = single scale")
+    g.add_argument("--num-anchors", type=int, default=256)
+    g.add_argument("--num-positives", type=int, default=512)
+    g.add_argument("--num-negatives", type=int, default=512)
+    g.add_argument("--bank-size", type=int, default=1000)
+    g.add_argument("--bank-source", choices=("prototype", "pixel"), default="prototype")
+    g.add_argument("--no-bank", action="store_true", help="no memory bank (Table 2 II-IV)")
+    g.add_argument("--sampling", choices=("density", "random"), default="density", help="random: Table 2 II")
+    g.add_argument("--weighting", choices=("paper", "scale", "none"), default="paper", help="w_i (Table 2 V: none)")
+    g.add_argument("--anchor-mode", choices=("pixel", "class"), default="pixel", help="class: Table 3 class-wise")
+    g.add_argument("--max-samples-per-class", type=int, default=1024)
+    g.add_argument("--cl-stride", type=int, default=1, help="DACL sees a regular pixel grid with this stride")
+
+
+def _fmt(v) -> str:
+    return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+
+def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
+    """Flags over the preset over the engine's and the task's defaults."""
+    p = build_parser(task)
+    args = vars(p.parse_args(argv))
+    preset, fallback = task.presets[args["preset"]], p.preset_fallback
+    cfg = {**{k: v for k, v in task.defaults.items() if k not in args}, **preset}
+    for k, v in args.items():
+        cfg[k] = v if v is not None or k not in fallback else preset.get(k, fallback[k])
+    if cfg.get("table2_row"):  # the row's options, unless a flag of the command line sets them
+        opts = table2_options(cfg["table2_row"])
+        opts.update(ks=list(opts["ks"]), no_bank=not opts.pop("use_bank"))
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        cfg.update({k: v for k, v in opts.items() if k not in given})
+    for key in ("val_volumes", "test_volumes"):
+        cfg[key] = cfg[key] or None  # 0 = all
+    if cfg["method"] == "sup":
+        cfg["unlabeled_bs"] = 0
+    if cfg["warmup_steps"] is None:
+        cfg["warmup_steps"] = int(round(PAPER_WARMUP * cfg["steps"] / PAPER_STEPS))
+    cfg["ckpt_every"] = cfg["ckpt_every"] or cfg["val_every"]
+    cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    task.configure(cfg, args)
+    return cfg
+
+
+def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
+    """Refuse a folder that holds an earlier run unless ``--resume`` or ``--overwrite`` says what
+    to do with it; ``--overwrite`` deletes its outputs (TensorBoard would mix the two runs)."""
+    earlier = [f for f in ("metrics.json", "last.pt") if (run_dir / f).exists()]
+    if not earlier or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{run_dir} already holds an earlier run ({', '.join(earlier)}); pass --resume to "
+                              f"continue it, --overwrite to start over, or --output-dir for another folder")
+    if _dist.is_main():
+        for name in RUN_OUTPUTS + ("test_slices.png",):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    _dist.barrier()
+
+
+# ----------------------------------------------------------------------------- state
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_all(seed: int, torch_offset: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed + torch_offset)
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    return base * (1.0 - min(step, total) / total) ** power
+
+
+def amp_dtype(name: str) -> Optional[torch.dtype]:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
+
+
+class _Logits(NamedTuple):  # a tuple, so that DDP finds the output tensors
+    logits_a: torch.Tensor
+    logits_b: torch.Tensor
+
+
+class LogitsPair(nn.Module):
+    """The two networks without the projection heads (sup / cps), as one module for DDP."""
+
+    def __init__(self, wrapper) -> None:
+        super().__init__()
+        self.model_a, self.model_b = wrapper.model_a, wrapper.model_b
+
+    def forward(self, x: torch.Tensor) -> _Logits:  # the wrapper's hooks keep nothing outside its forward
+        return _Logits(self.model_a(x), self.model_b(x))
+
+
+def build_objective(cfg: dict, wrapper) -> DACLObjective:
+    """Eq. 1 beyond L_sup: CPS (``cps``) or CPS + one DACL loss per model (``dacl``)."""
+    return DACLObjective(
+        num_classes=len(cfg["class_names"]), dim=cfg["embed_dim"], total_steps=cfg["steps"],
+        lambda_cl=cfg["lambda_cl"], lambda_cross=cfg["lambda_cross"], warmup=cfg["warmup_steps"],
+        contrastive=cfg["method"] == "dacl", pseudo_policy=cfg["pseudo_policy"],
+        pseudo_confidence=cfg["pseudo_confidence"], pseudo_fraction=cfg["pseudo_fraction"],
+        pixel_stride=cfg["cl_stride"], head_weight=cfg["head_weight"],
+        heads=(wrapper.head_a, wrapper.head_b) if cfg["head_weight"] is not None else None, ignore_index=-100,
+        temperature=cfg["temperature"], ks=tuple(cfg["ks"]), num_anchors=cfg["num_anchors"],
+        num_positives=cfg["num_positives"], num_negatives=cfg["num_negatives"], bank_size=cfg["bank_size"],
+        bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"], sampling=cfg["sampling"],
+        weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"], reduction=cfg["reduction"],
+        max_samples_per_class=cfg["max_samples_per_class"], threshold=cfg["mask_threshold"],
+        validate=False, gather_distributed=_dist.is_dist())
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    """Models, objective, optimiser, data and state of one run."""
+
+    def __init__(self, task: Task, cfg: dict, run_dir: Path) -> None:
+        self.task, self.cfg, self.run_dir = task, cfg, run_dir
+        self.device, self.amp = torch.device(cfg["device"]), amp_dtype(cfg["amp"])
+        self.lbs = _dist.split_batch(cfg["labeled_bs"], "--labeled-bs")  # per rank
+        self.ubs = _dist.split_batch(cfg["unlabeled_bs"], "--unlabeled-bs")
+        seed_all(cfg["seed"])
+        t0 = time.time()
+        self.data = task.build_data(cfg, run_dir)
+        cfg["class_names"] = list(self.data.class_names)
+        self.wrapper = task.build_model(cfg, self.data).to(self.device)
+        self.load_seconds = time.time() - t0
+        if task.reseed_after_model or _dist.is_dist():  # data and DACL sampling: per rank
+            seed_all(_dist.rank_seed(cfg["seed"]), int(task.reseed_after_model))
+        self.net = _dist.wrap_ddp(self.wrapper if cfg["method"] == "dacl" else LogitsPair(self.wrapper), self.device,
+                                  find_unused_parameters=task.find_unused_parameters)
+        self.objective = build_objective(cfg, self.wrapper).to(self.device)
+        self.shared_params = [p for n, p in self.wrapper.named_parameters() if not n.startswith("head_")]
+        self.opt = torch.optim.SGD(self.wrapper.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                   weight_decay=cfg["weight_decay"], nesterov=cfg.get("nesterov", False))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg["amp"] == "fp16")
+        self.step, self.best = 0, {"val_dice": -1.0, "step": None}
+        self.history: List[dict] = []
+        self.diagnostics: List[dict] = []  # DACL's per-class stats (and gradient share), every log step
+        self.val_seconds = 0.0
+
+    def state_dict(self) -> dict:
+        """The checkpoint (every rank calls it under DDP: it gathers the per-rank states)."""
+        own = {"rng": rng_state(), "data": self.data.state_dict()}
+        return {"model": self.wrapper.state_dict(), "objective": self.objective.state_dict(),
+                "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "best": self.best, "history": self.history, "diagnostics": self.diagnostics, **own,
+                "config": self.cfg, **({"ranks": _dist.gather_objects(own)} if _dist.is_dist() else {})}
+
+    def load_state_dict(self, ck: dict) -> None:
+        self.wrapper.load_state_dict(ck["model"])
+        self.objective.load_state_dict(ck["objective"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step, self.best, self.history, self.diagnostics = ck["step"], ck["best"], ck["history"], ck["diagnostics"]
+        ranks = ck.get("ranks") or [ck]
+        if len(ranks) == _dist.world_size():  # each rank continues its own random streams
+            set_rng_state(ranks[_dist.rank()]["rng"])
+            self.data.load_state_dict(ranks[_dist.rank()]["data"])
+        else:
+            warnings.warn(f"the checkpoint holds the random state of {len(ranks)} rank(s), not {_dist.world_size()}:"
+                          " re-seeding, the run will not continue bit-exactly")
+            torch.manual_seed(_dist.rank_seed(self.cfg["seed"]) + 1 + 7919 * self.step)
+            self.data.reseed(_dist.rank_seed(self.cfg["seed"]), self.step)
+
+    def save(self, name: str) -> None:
+        state = self.state_dict()
+        if _dist.is_main():
+            tmp = (self.run_dir / name).with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.run_dir / name)
+
+    def resume(self, resume: Optional[str]) -> Optional[Path]:
+        path = self.run_dir / "last.pt" if resume == "auto" else Path(resume) if resume else None
+        if path is None or (resume == "auto" and not path.is_file()):
+            return None  # a fresh run (--resume without a checkpoint: nothing to continue yet)
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: checkpoint {str(path)!r} does not exist")
+        ck = torch.load(path, map_location=self.device, weights_only=False)
+        changed = {k: (ck["config"].get(k), v) for k, v in self.cfg.items()
+                   if k not in RUNTIME_KEYS and ck["config"].get(k) != v}
+        if changed:
+            warnings.warn(f"resuming with a configuration that differs from the checkpoint's: {changed}")
+        self.load_state_dict(ck)
+        if _dist.is_main():
+            print(f"resumed from {path} at step {self.step}", flush=True)
+        return path
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[Dict[str, float], Optional[dict]]:
+        cfg, lbs = self.cfg, self.lbs
+        fmt = getattr(self.wrapper, "example_memory_format", torch.contiguous_format)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        y = y.to(self.device, non_blocking=True)
+        lr = poly_lr(cfg["lr"], self.step, cfg["steps"], cfg["poly_power"])
+        for grp in self.opt.param_groups:
+            grp["lr"] = lr
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            out = self.net(x)
+        la, lb = out.logits_a.float(), out.logits_b.float()
+        l_sup = self.task.sup_loss(la[:lbs], y[:lbs]) + self.task.sup_loss(lb[:lbs], y[:lbs])
+        loss, logs, diag, step = l_sup, {"sup": l_sup}, None, self.step + 1
+        if cfg["method"] != "sup":
+            if cfg["cross_rampup"]:  # a Gaussian ramp-up of lambda_cross (the 3D quick preset)
+                self.objective.lambda_cross = gaussian_rampup(self.step, cfg["cross_rampup"],
+                                                              max_weight=cfg["lambda_cross"], warmup_steps=0)
+            labeled = torch.arange(x.shape[0], device=self.device) < lbs
+            res = self.objective(la, lb, getattr(out, "embeddings_a", None), getattr(out, "embeddings_b", None),
+                                 y, labeled)
+            loss, logs["cross"] = loss + res.loss, res.cross
+            if cfg["method"] == "dacl":
+                logs["cl"] = res.cl_a + res.cl_b
+                every = cfg["grad_share_every"]
+                if step % cfg["log_every"] == 0 or step == cfg["steps"] or (every and step % every == 0):
+                    diag = {"step": step, **DACLObjective.summarize(res.stats, cfg["class_names"])}
+                if every and step % every == 0:
+                    diag.update(gradient_share({"cl": res.cl_term, "sup": l_sup, "cross": res.cross_term},
+                                               self.shared_params))
+        lam = self.objective.lambda_cl
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.objective.step()
+        self.step = step
+        logs["loss"] = loss
+        vals = {k: float(v.detach()) for k, v in logs.items()}
+        vals = _dist.mean_scalars({**vals, "lambda_cl": lam, "lambda_cross": self.objective.lambda_cross, "lr": lr})
+        if not all(math.isfinite(v) for v in vals.values()):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {vals}")
+        if diag is not None:
+            self.diagnostics.append(diag)
+        return vals, diag
+
+    def validate(self, writer, bar, loss: float) -> None:
+        """Rank 0: Dice on the val volumes; best.pt on an improvement."""
+        t0, cfg = time.time(), self.cfg
+        res, _ = self.task.evaluate(self.wrapper, self.data, "val", cfg, self.device, self.amp, full=False)
+        dice = res.mean["dice"]
+        writer.add_scalar("val/dice", dice, self.step)
+        for cname, v in res.per_class["dice"].items():
+            writer.add_scalar(f"val/dice_{cname}", v, self.step)
+        self.history.append({"step": self.step, "mean_dice": dice, "per_class": res.per_class["dice"], "loss": loss})
+        if dice > self.best["val_dice"]:
+            self.best = {"val_dice": dice, "step": self.step}
+            torch.save({"model": self.wrapper.state_dict(), "config": cfg, "step": self.step, "val_dice": dice},
+                       self.run_dir / "best.pt")
+        bar.write(f"step {self.step}: val Dice {100 * dice:.2f} ({res.num_cases} volumes), "
+                  f"best {100 * self.best['val_dice']:.2f} at step {self.best['step']}")
+        self.val_seconds += time.time() - t0
+
+
+def train(run: Run, stop_at: Optional[int]) -> float:
+    """The loop: returns the seconds spent in it (validation included)."""
+    from tqdm import tqdm
+
+    cfg, main_rank = run.cfg, _dist.is_main()
+    if main_rank:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(run.run_dir / "tb"), purge_step=run.step or None)
+    else:
+        writer = _dist.NullWriter()
+    last = min(cfg["steps"], stop_at) if stop_at else cfg["steps"]
+    bar = tqdm(total=cfg["steps"], initial=run.step, desc=f"{cfg['method']} {cfg['preset']}", dynamic_ncols=True,
+               disable=cfg["no_progress"] or not main_rank)
+    t0 = time.time()
+    run.wrapper.train()
+    for x, y in run.data.batches(run.step, run.lbs, run.ubs) if run.step < last else ():
+        vals, diag = run.train_step(x, y)
+        step, final = run.step, run.step == cfg["steps"]
+        for k, v in (diag or {}).items():  # DACL's per-class diagnostics (and gradient share)
+            if k != "step":
+                writer.add_scalar(f"dacl/{k}", v, step)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in vals.items() if k in ("sup", "cross", "cl", "loss")}, refresh=False)
+        if step % cfg["log_every"] == 0 or final:
+            for k, v in vals.items():
+                writer.add_scalar(f"train/{k}", v, step)
+        if step % cfg["val_every"] == 0 or final:
+            if main_rank:
+                run.validate(writer, bar, vals["loss"])
+            _dist.barrier()  # the other ranks wait for rank 0's validation
+        if step % cfg["ckpt_every"] == 0 or step in (last, cfg["steps"]):
+            run.save("last.pt")
+        if step >= last:
+            break
+    bar.close()
+    writer.close()
+    _dist.barrier()  # last.pt is written before any rank returns
+    return time.time() - t0
+
+
+def main(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
+    """Train (or resume), validate, test the best checkpoint; returns the metrics record
+    (``{"stopped_at": step}`` after ``--stop-at``)."""
+    t_start = time.time()
+    cfg = make_config(task, argv)
+    run_dir = Path(cfg["output_dir"] or task.output_dir(cfg))
+    check_run_dir(run_dir, cfg["resume"], cfg["overwrite"])
+    if _dist.launched():  # torchrun: one process per rank (cuda:LOCAL_RANK or cpu)
+        cfg["device"], cfg["world_size"] = str(_dist.setup(cfg["device"])), _dist.world_size()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run = Run(task, cfg, run_dir)
+        resumed, run.start_step = run.resume(cfg["resume"]), run.step
+        run.command = " ".join(["python", *sys.argv]) if argv is None else f"main({list(argv)!r})"
+        if _dist.is_main():
+            (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+            print(startup_summary(run), flush=True)
+        train_s = train(run, cfg["stop_at"])
+        if run.step < cfg["steps"]:
+            if _dist.is_main():
+                print(f"stopped at step {run.step} of {cfg['steps']}; continue with --resume")
+            return {"stopped_at": run.step}
+        return test(run, resumed, train_s, t_start) if _dist.is_main() else {}
+    finally:
+        _dist.cleanup()
+
+
+def startup_summary(run: Run) -> str:
+    """What this run will do, printed before the progress bar (every setting is in config.json)."""
+    cfg = run.cfg
+    keys = ("steps", "labeled_bs", "unlabeled_bs", "lr", "lambda_cross") + tuple(run.task.summary_keys) + (
+        ("lambda_cl", "warmup_steps", "pseudo_policy", "pseudo_confidence", "embed_dim", "ks", "no_bank",
+         "bank_size", "sampling", "weighting", "anchor_mode") if cfg["method"] == "dacl" else ())
+    threads = f", {torch.get_num_threads()} threads" if run.device.type == "cpu" else ""
+    ddp = f", {_dist.world_size()} ranks ({run.lbs} + {run.ubs} per rank)" if _dist.is_dist() else ""
+    return "\n".join([f"{run.task.name} {cfg['method']}, preset {cfg['preset']}, seed {cfg['seed']}",
+                      f"  data    {run.data.summary}",
+                      f"  device  {run.device}{threads}{ddp}, amp {cfg['amp']}",
+                      "  config  " + ", ".join(f"{k} {_fmt(cfg[k])}" for k in keys if k in cfg),
+                      f"  output  {run.run_dir} (config.json holds every setting)"])
+
+
+def test(run: Run, resumed: Optional[Path], train_s: float, t_start: float) -> dict:
+    """Rank 0: test the best checkpoint, write the pictures and metrics.json."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg, task = run.cfg, run.task
+    best = run.run_dir / "best.pt"
+    if best.is_file():
+        run.wrapper.load_state_dict(torch.load(best, map_location=run.device, weights_only=False)["model"])
+    t0 = time.time()
+    res, kept = task.evaluate(run.wrapper, run.data, "test", cfg, run.device, run.amp, full=True,
+                              keep=run.data.keep_for_plot)
+    test_s = time.time() - t0
+    print(format_table(res, f"{run.data.name} test"))
+    slices = select_slices(kept)  # the slices with the most foreground, in every run the same
+    save_slices(run.run_dir / "test_slices.npz", slices)
+    if not cfg["no_plot"]:
+        render([(f"{cfg['method']} prediction", slices)], run.run_dir / "test_predictions.png",
+               class_names=cfg["class_names"])
+    with SummaryWriter(log_dir=str(run.run_dir / "tb")) as writer:
+        for m, v in res.mean.items():
+            if v is not None:
+                writer.add_scalar(f"test/{m}", v, run.step)
+    rec = RunRecord(
+        identity=Identity(dataset=run.data.kind, method=cfg["method"], preset=cfg["preset"], seed=cfg["seed"],
+                          labeled=int(run.data.labeled), labeled_unit=run.data.labeled_unit, steps=run.step,
+                          variant=cfg.get("table2_row")),
+        config=json.loads(json.dumps(cfg, default=str)), test=res, diagnostics=run.diagnostics,
+        val_history=[ValPoint(**h) for h in run.history],
+        best=Best(step=run.best["step"], val_mean_dice=run.best["val_dice"]),
+        timing=Timing(wall_seconds=round(time.time() - t_start, 1), train_seconds=round(train_s, 1),
+                      per_step=(train_s - run.val_seconds) / max(1, run.step - run.start_step),
+                      phases={"load": round(run.load_seconds, 1), "validation": round(run.val_seconds, 1),
+                              "test": round(test_s, 1)}),
+        environment=Environment(device=str(run.device), torch=torch.__version__, threads=torch.get_num_threads(),
+                                world_size=_dist.world_size()),
+        command=run.command,
+        extra={"resumed_from": str(resumed) if resumed else None, "per_rank_batch": [run.lbs, run.ubs], **task.record_extra(cfg, run.data)})
+    rec.save(run.run_dir / "metrics.json")
+    print(f"test mean Dice {100 * res.mean['dice']:.2f}; run folder: {run.run_dir} (metrics.json, config.json, "
+          f"best.pt, last.pt, tb/)")
+    if cfg["preset"] == "smoke":
+        print("smoke preset: a pipeline check, not a result (the networks learn little beyond background in so few "
+              "steps); use --preset quick (CPU) or --preset paper (GPU) for numbers")
+    return rec.to_dict()
+
+
+# ----------------------------------------------------------------------------- metrics
+def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int, full: bool = True) -> Dict[str, Any]:
+    """Per-class metrics of one volume (``pred``, ``gt``: label maps): ``{"dice": [c1, ...],
+    "jaccard", "hd95", "asd": [...], "empty": n}`` (``dice`` and ``empty`` alone when not
+    ``full``), in voxels. Empty masks: see the module docstring."""
+    from medpy.metric import binary as mb
+
+    diag = float(math.sqrt(sum(s * s for s in gt.shape)))
+    res: Dict[str, Any] = {m: [] for m in (METRICS if full else ("dice",))}
+    empty = 0
+    for c in range(1, num_classes):
+        p, g = pred == c, gt == c
+        if p.any() and g.any():
+            vals = {"dice": mb.dc(p, g)}
+            if full:
+                vals.update(jaccard=mb.jc(p, g), hd95=mb.hd95(p, g), asd=mb.asd(p, g))
+        else:
+            empty += 1
+            both = not p.any() and not g.any()
+            vals = dict(dice=float(both), jaccard=float(both), hd95=0.0 if both else diag, asd=0.0 if both else diag)
+        for m in res:
+            res[m].append(float(vals[m]))
+    res["empty"] = empty
+    return res
+
+
+def test_result(class_names: Sequence[str], per_case: Dict[str, dict], evaluation: str) -> TestResult:
+    """The record of :func:`case_metrics` per volume: means over the volumes, then over the classes."""
+    empty = sum(c.pop("empty") for c in per_case.values())
+    return TestResult.from_cases(list(class_names), per_case, empty_cases=empty, evaluation=evaluation,
+                                 empty_convention=EMPTY_CONVENTION)
+
+
+def format_table(res: TestResult, title: str) -> str:
+    """Rows: the classes and their mean; columns: Dice, Jaccard (%), HD95, ASD."""
+    names = [m for m in METRICS if res.mean.get(m) is not None]
+    wc = max([6] + [len(c) + 1 for c in res.classes])
+    head = f"{'class':<{wc}}" + "".join(f"{m:>10}" for m in names)
+    scale = {"dice": 100.0, "jaccard": 100.0}
+    rows = [f"{c:<{wc}}" + "".join(f"{res.per_class[m][c] * scale.get(m, 1.0):>10.2f}" for m in names)
+            for c in res.classes]
+    return "\n".join([f"{title}: {res.num_cases} volumes", head, "-" * len(head), *rows,
+                      f"{'mean':<{wc}}" + "".join(f"{res.mean[m] * scale.get(m, 1.0):>10.2f}" for m in names),
+                      "(Dice, Jaccard in %; HD95, ASD in voxels)"])
+
+
+def cli(task: Task) -> None:
+    """``if __name__ == "__main__"`` of a dataset script: a data error is one line, no traceback."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        main(task)
+    except (FileExistsError, *task.data_error) as e:
+        sys.exit(f"error: {e}")
