@@ -27,12 +27,8 @@ Examples::
     python examples/acdc_cps_dacl.py --preset quick --method cps    # 882 s measured on 2 shared CPU cores
     python examples/acdc_cps_dacl.py --preset paper --device cuda   # the paper's protocol
     torchrun --standalone --nproc_per_node=4 examples/acdc_cps_dacl.py --preset paper  # DDP, 4 GPUs
-    # Table 2 (ablation) rows, on top of CPS:
-    #   II  --sampling random --no-bank --weighting none
-    #   III --ks 8 --no-bank --weighting none
-    #   IV  --ks 8 16 32 --no-bank --weighting none
-    #   V   --weighting none              VI (full): the defaults
-    # Table 3 class-wise variant: --anchor-mode class
+    python examples/acdc_cps_dacl.py --preset quick --table2-row III  # Table 2's rows II-VI by name
+    # (the individual flags: --sampling, --ks, --no-bank, --weighting); Table 3: --anchor-mode class
 
 Distributed: see ``engine.py`` and docs/distributed.rst; the preset's batch sizes stay the
 global batch (``--labeled-bs`` and ``--unlabeled-bs`` must be multiples of the number of
@@ -121,15 +117,6 @@ class ACDCSliceData:
                                              pin_memory=cfg["device"].startswith("cuda"),
                                              generator=torch.Generator().manual_seed(cfg["seed"]))
         return ((b["image"], b["label"]) for b in loader)
-
-    def state_dict(self) -> None:  # the sampler's position is the step
-        return None
-
-    def load_state_dict(self, state) -> None:
-        pass
-
-    def reseed(self, seed: int, step: int) -> None:
-        pass
 
 
 class ACDC(engine.Task):

@@ -1,38 +1,29 @@
 """The training engine under both examples: co-training (CPS) + DACL, written once.
 
-A dataset script (``acdc_cps_dacl.py``, ``synapse_cps_dacl.py``) describes a :class:`Task`:
-its presets, its own flags, its data, its two networks and its evaluation; :func:`main` does
-the rest: the command line (:func:`build_parser`, the flags common to both scripts), the
-run folder guard (``--overwrite`` / ``--resume``), the start-up summary, the loop with poly
-learning rate, AMP (``--amp bf16|fp16|none``) and DDP (``_dist.py``), the validation
-schedule, checkpoints and exact resume, logging (tqdm, TensorBoard, DACL's diagnostics) and
-the metrics record (``metrics.json``).
+A dataset script describes a :class:`Task` (presets, its own flags, data, the two networks,
+evaluation); :func:`main` does the rest: the command line (:func:`build_parser`), the run
+folder guard (``--overwrite`` / ``--resume``), the start-up summary, the loop (poly LR, AMP
+``--amp bf16|fp16|none``, DDP via ``_dist.py``), the validation schedule, checkpoints and
+exact resume, logging (tqdm, TensorBoard, DACL's diagnostics every ``--log-every`` steps,
+the gradient share every ``--grad-share-every``) and ``metrics.json`` (``results_schema.RunRecord``).
 
-Loss per step: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(a) +
-L_CL(b))``; ``L_sup`` (the task's, CE + Dice) on the labeled part of the batch, everything
-after it is the library's :class:`torch_dacl.DACLObjective` (CPS for ``--method cps``, CPS +
-DACL for ``dacl``; ``sup`` trains on the labeled part alone). The DACL losses run from the
-first step (lambda_CL = 0 in the warm-up), so the memory banks are full when the term
-switches on.
+Loss: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(a) + L_CL(b))``,
+``L_sup`` (the task's CE + Dice) on the labeled rows, the rest the library's
+:class:`torch_dacl.DACLObjective` (``--method cps``: no DACL term; ``sup``: labeled rows
+only). The DACL losses run from the first step, so the banks are full after the warm-up.
 
-Checkpoints: ``last.pt`` holds ``model`` (the co-training wrapper), ``objective`` (both DACL
-losses, their banks and the schedule), ``optimizer``, ``scaler``, ``step``, ``best``,
-``history``, ``diagnostics``, ``rng`` (torch, numpy, python, CUDA), ``data`` (the task's
-sampler state), ``config`` and, under DDP, ``ranks`` (every rank's ``rng`` and ``data``):
-``--resume`` continues bit-exactly. ``best.pt`` holds ``model``, ``config``, ``step`` and
-``val_dice``.
+Checkpoints: ``last.pt`` holds ``model``, ``objective`` (losses, banks, schedule),
+``optimizer``, ``scaler``, ``step``, ``best``, ``history``, ``diagnostics``, ``rng`` (torch,
+numpy, python, CUDA), ``data`` (the samplers), ``config`` and, under DDP, ``ranks`` (each
+rank's ``rng`` and ``data``); ``best.pt`` holds ``model``, ``config``, ``step``, ``val_dice``.
 
-Empty masks (medpy's metrics are undefined there), in both examples (:func:`case_metrics`):
-prediction and ground truth both empty: Dice = Jaccard = 1, HD95 = ASD = 0; exactly one
-empty: Dice = Jaccard = 0, HD95 = ASD = the volume's diagonal (``sqrt(Z^2 + Y^2 + X^2)`` in
-voxels, or in mm with the spacing: the largest possible distance, a worst-case penalty).
-Every mean is then over all volumes; the number of such cases is recorded (``empty_cases``).
+Empty masks (:func:`case_metrics`, both examples): both empty: Dice = Jaccard = 1, HD95 =
+ASD = 0; exactly one empty: Dice = Jaccard = 0, HD95 = ASD = the volume's diagonal in voxels
+(the largest possible distance). Means run over all volumes; ``empty_cases`` counts them.
 
-Distributed (``torchrun --nproc_per_node=N``, docs/distributed.rst): ``--labeled-bs`` and
-``--unlabeled-bs`` stay the *global* batch (multiples of N); data order, augmentation and
-DACL sampling are seeded per rank (``seed + rank``), the networks' initialisation is the
-same on all ranks; DDP wraps the networks, DACL gathers its samples over the ranks,
-BatchNorm becomes SyncBatchNorm on CUDA. Rank 0 alone logs, saves and evaluates.
+Distributed (``torchrun``, docs/distributed.rst): the batch sizes are the global batch;
+data, augmentation and DACL sampling are seeded per rank (``seed + rank``), the networks'
+initialisation is the same on all ranks; rank 0 alone logs, saves and evaluates.
 """
 
 from __future__ import annotations
@@ -47,7 +38,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 # OpenMP threads that spin while waiting make a CPU shared with other jobs crawl (12 s instead of
 # 0.7 s per step measured on 2 busy cores); set before torch loads libgomp.
@@ -94,35 +85,29 @@ class Task:
     reseed_after_model = True   # False: the training RNG continues from the model's initialisation
     data_error: Tuple[type, ...] = (NnUNetDataError,)  # data errors the command line reports in one line
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """The dataset's and the model's own flags."""
+    def add_arguments(self, group) -> None: ...  # the dataset's and the model's own flags
 
-    def configure(self, cfg: dict, args: dict) -> None:
-        """Derived settings (in place), after flags and presets are merged (``args``: the flags
-        as parsed, None where a preset or default applies)."""
+    def configure(self, cfg: dict, args: dict) -> None: ...  # derived settings; args: None where unset
 
     def output_dir(self, cfg: dict) -> Path:
         return REPO_ROOT / "runs" / f"{self.name}_{cfg['method']}_{cfg['preset']}_seed{cfg['seed']}"
 
-    def build_data(self, cfg: dict, run_dir: Path) -> Any:
-        """An object with ``class_names`` (background first), ``summary`` (one line),
-        ``batches(start_step, lbs, ubs)`` (an iterator of ``(x, y)`` on the CPU, labeled rows
-        first), ``state_dict()`` / ``load_state_dict()`` / ``reseed(seed, step)``."""
+    def build_data(self, cfg: dict, run_dir: Path):
+        """An object with ``class_names`` (background first), ``name``, ``kind``, ``labeled``,
+        ``labeled_unit``, ``summary``, ``keep_for_plot`` (test cases), ``batches(start_step, lbs,
+        ubs)`` (``(x, y)`` per step, labeled rows first) and, if it has a state,
+        ``state_dict()`` / ``load_state_dict()`` / ``reseed(seed, step)``."""
         raise NotImplementedError
 
-    def build_model(self, cfg: dict, data) -> nn.Module:
-        raise NotImplementedError  # a torch_dacl.CoTrainingWrapper
+    def build_model(self, cfg: dict, data) -> nn.Module: ...  # a torch_dacl.CoTrainingWrapper
 
-    def sup_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def sup_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
 
     def evaluate(self, wrapper, data, split: str, cfg: dict, device, amp, full: bool, keep=()):
-        """:func:`test_result` of :func:`case_metrics` per volume, and ``{case: {"image", "label",
-        "pred"}}`` (``(Z, Y, X)`` arrays) of the cases in ``keep``."""
+        """:func:`test_result` and ``{case: {"image", "label", "pred"}}`` of the cases in ``keep``."""
         raise NotImplementedError
 
-    def record_extra(self, cfg: dict, data) -> dict:
-        """Fields of the metrics record's ``extra`` (split, network, ...)."""
+    def record_extra(self, cfg: dict, data) -> dict:  # the record's ``extra`` (split, network, ...)
         return {}
 
 
@@ -379,7 +364,7 @@ class Run:
 
     def state_dict(self) -> dict:
         """The checkpoint (every rank calls it under DDP: it gathers the per-rank states)."""
-        own = {"rng": rng_state(), "data": self.data.state_dict()}
+        own = {"rng": rng_state(), "data": getattr(self.data, "state_dict", lambda: None)()}
         return {"model": self.wrapper.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "best": self.best, "history": self.history, "diagnostics": self.diagnostics, **own,
@@ -394,12 +379,12 @@ class Run:
         ranks = ck.get("ranks") or [ck]
         if len(ranks) == _dist.world_size():  # each rank continues its own random streams
             set_rng_state(ranks[_dist.rank()]["rng"])
-            self.data.load_state_dict(ranks[_dist.rank()]["data"])
+            getattr(self.data, "load_state_dict", lambda st: None)(ranks[_dist.rank()]["data"])
         else:
             warnings.warn(f"the checkpoint holds the random state of {len(ranks)} rank(s), not {_dist.world_size()}:"
                           " re-seeding, the run will not continue bit-exactly")
             torch.manual_seed(_dist.rank_seed(self.cfg["seed"]) + 1 + 7919 * self.step)
-            self.data.reseed(_dist.rank_seed(self.cfg["seed"]), self.step)
+            getattr(self.data, "reseed", lambda seed, step: None)(_dist.rank_seed(self.cfg["seed"]), self.step)
 
     def save(self, name: str) -> None:
         state = self.state_dict()

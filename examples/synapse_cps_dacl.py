@@ -12,14 +12,12 @@ in voxels of the preprocessed grid). The loop, checkpoints, resume, DDP and the 
 record are the shared engine's (``engine.py``); this script holds the data, the network,
 the evaluation and the presets.
 
-Why PlainConvUNet and not DHC's V-Net: it is the network nnU-Net builds (its 3d_fullres
-plan), it comes from a maintained package (``dynamic_network_architectures``) instead of
-copied code, it is configured per dataset the nnU-Net way (``synapse_data.plan_unet`` picks
-per-stage strides and 1x3x3 kernels for anisotropic MR such as CHAOS-T2, 7.7 mm slices),
-it uses instance norm (robust with 2 + 2 patches per batch), and its last decoder stage
-(``decoder.stages.<n-2>``) is a named submodule whose output is exactly the last
-full-resolution feature map, which is what ``CoTrainingWrapper``'s forward hook needs. The
-paper's absolute Synapse numbers are with V-Net; CPS vs DACL is compared here on one backbone.
+Why PlainConvUNet and not DHC's V-Net: it is the network nnU-Net builds (3d_fullres), from a
+maintained package, configured per dataset the nnU-Net way (``synapse_data.plan_unet``: per-stage
+strides, 1x3x3 kernels for anisotropic MR such as CHAOS-T2), with instance norm (robust with
+2 + 2 patches), and its last decoder stage (``decoder.stages.<n-2>``) outputs the last
+full-resolution feature map the projection head reads. The paper's Synapse numbers are with
+V-Net; CPS vs DACL is compared here on one backbone.
 
 Datasets (``--dataset``):
 
@@ -49,10 +47,8 @@ Examples::
         --dataset-dir /data/Synapse/RawData/Training --device cuda --amp fp16
     torchrun --standalone --nproc_per_node=2 examples/synapse_cps_dacl.py --preset paper --amp fp16  # DDP, 2 GPUs
 
-Distributed: see ``engine.py`` and docs/distributed.rst; the batch sizes are the global
-batch (the smoke preset's 1 + 1 needs ``--labeled-bs 2 --unlabeled-bs 2`` on 2 ranks); patch
-samplers are seeded per rank; the U-Nets use InstanceNorm (only the heads' BatchNorm becomes
-SyncBatchNorm on CUDA).
+Distributed: see ``engine.py``; the smoke preset's 1 + 1 needs ``--labeled-bs 2 --unlabeled-bs 2``
+on 2 ranks.
 
 Outputs (``--output-dir``, default ``runs/synapse/<dataset>_<preset>_<method>_l<labeled>_s<seed>``):
 ``metrics.json``, ``config.json``, ``last.pt`` / ``best.pt`` (resume with ``--resume``),

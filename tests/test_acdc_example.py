@@ -231,7 +231,8 @@ def test_train_resume_is_exact_and_outputs(fake_root, tmp_path):
 @pytest.mark.parametrize("extra", [["--method", "sup"], ["--method", "cps"],
                                    ["--sampling", "random", "--no-bank", "--weighting", "none"],
                                    ["--ks", "8", "--no-bank", "--weighting", "none", "--anchor-mode", "class"],
-                                   ["--bank-source", "pixel", "--weighting", "scale"]])
+                                   ["--bank-source", "pixel", "--weighting", "scale"],
+                                   ["--table2-row", "III", "--bank-size", "16"]])
 def test_methods_and_ablation_switches_run(fake_root, tmp_path, extra):
     m = acdc_cps_dacl.main(["--data-root", str(fake_root), "--output-dir", str(tmp_path / "r")] + TINY
                            + ["--steps", "2", "--val-every", "2"] + extra)
@@ -240,6 +241,8 @@ def test_methods_and_ablation_switches_run(fake_root, tmp_path, extra):
         assert cfg["method"] == extra[1]
     if extra[0] == "--method" and extra[1] == "sup":
         assert cfg["unlabeled_bs"] == 0
+    if extra[0] == "--table2-row":  # the row's options by name; a flag of the command line still wins
+        assert (cfg["ks"], cfg["no_bank"], cfg["weighting"], cfg["bank_size"]) == ([8], True, "none", 16)
     assert math.isfinite(m["test"]["mean"]["dice"])
 
 
