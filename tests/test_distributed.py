@@ -84,11 +84,12 @@ def _bank_state(bank: ClassMemoryBank):
     return {k: v.clone() for k, v in bank.state_dict().items()}
 
 
-def _run_loss(sc, rank, world, distributed):
+def _run_loss(sc, rank, world, distributed, loss_fn=None, start=0):
     """Run a scenario on this rank's block of each step's global batch."""
-    loss_fn = SoftDensityContrastiveLoss(**sc["kw"], gather_distributed=distributed)
+    if loss_fn is None:
+        loss_fn = SoftDensityContrastiveLoss(**sc["kw"], gather_distributed=distributed)
     losses, grads = [], []
-    for step in range(sc["steps"]):
+    for step in range(start, start + sc["steps"]):
         emb_full, lab_full = _batch(sc["shape"], step)
         n = emb_full.shape[0] // world
         emb = emb_full[rank * n:(rank + 1) * n].clone().requires_grad_(True)
@@ -164,6 +165,29 @@ def _worker(rank, world, init_file, out_dir):
         res["small"] = _run_loss(dict(kw=SMALL, shape=(4, 6, 6), steps=3), rank, world, True)
         res["small_pixel"] = _run_loss(dict(kw=dict(SMALL, bank_source="pixel", bank_push_per_class=5),
                                             shape=(4, 6, 6), steps=3), rank, world, True)
+
+        # resume: the random stream is in the state_dict; its seed is broadcast once, never again
+        broadcasts = []
+        real_broadcast = dist.broadcast
+        dist.broadcast = lambda *a, **k: (broadcasts.append(1), real_broadcast(*a, **k))[1]
+        try:
+            sc = dict(kw=dict(SMALL, bank_source="pixel", bank_push_per_class=5), shape=(4, 6, 6), steps=2)
+            run = SoftDensityContrastiveLoss(**sc["kw"], gather_distributed=True)
+            _run_loss(sc, rank, world, True, loss_fn=run)
+            state = [{k: v.clone() for k, v in run.state_dict().items()} if rank == 0 else None]  # rank 0 saves
+            n = len(broadcasts)
+            dist.broadcast_object_list(state, src=0)
+            n_saved = len(broadcasts) - n
+            full = _run_loss(dict(sc, steps=1), rank, world, True, loss_fn=run, start=2)  # uninterrupted
+            res["resume_broadcasts_full"] = len(broadcasts) - n_saved
+            fresh = SoftDensityContrastiveLoss(**sc["kw"], gather_distributed=True)
+            fresh.load_state_dict(state[0])
+            n = len(broadcasts)
+            resumed = _run_loss(dict(sc, steps=1), rank, world, True, loss_fn=fresh, start=2)
+            res["resume_broadcasts_after"] = len(broadcasts) - n
+            res["resume"] = (full["losses"][0], full["grads"][0], resumed["losses"][0], resumed["grads"][0])
+        finally:
+            dist.broadcast = real_broadcast
 
         # DDP end to end: averaged parameter gradients equal the single-process ones
         model = torch.nn.parallel.DistributedDataParallel(_ddp_model())
@@ -294,6 +318,17 @@ def test_ranks_agree_with_subsampling(ranks, name):
     for k in a["bank"]:
         assert torch.equal(a["bank"][k], b["bank"][k]), k
     assert int(a["bank"]["count"].sum()) > 0
+
+
+def test_restored_loss_continues_the_shared_stream_without_broadcasting(ranks):
+    """Two steps, rank 0's state_dict loaded on every rank, third step: equal to the
+    uninterrupted run on each rank; the seed was broadcast once, at the first call only."""
+    out, _ = ranks
+    for r in out:
+        loss_full, grad_full, loss_resumed, grad_resumed = r["resume"]
+        assert torch.equal(loss_full, loss_resumed) and torch.equal(grad_full, grad_resumed)
+        assert r["resume_broadcasts_full"] == 1 and r["resume_broadcasts_after"] == 0
+    assert torch.equal(out[0]["resume"][0], out[1]["resume"][0])
 
 
 def test_ddp_parameter_gradients_equal_single_process(ranks):

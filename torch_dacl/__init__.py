@@ -13,6 +13,10 @@ Public API (everything importable from ``torch_dacl``; the submodules are implem
   the building blocks (memory bank, Eq. 3-5, Eq. 2, Eq. 1's lambda_CL(t)).
 - ``CoTrainingWrapper``, ``SegmentationWithEmbeddings``, ``ProjectionHead``,
   ``cross_pseudo_supervision_loss``: two networks with projection heads, L_cross.
+- ``torch_dacl.stages``: the stages the loss is composed of (pixel sampler, anchor/key
+  miner, the Eq. 9-10 term, the bank policy, the random stream); ``torch_dacl.ablation``:
+  Table 2's rows (``TABLE2``, ``table2_options``, ``SoftDensityContrastiveLoss.from_table2``);
+  ``torch_dacl.options``: the vocabulary of option names.
 - ``torch_dacl.functional``: the math as pure functions; ``torch_dacl.distributed``: the
   DDP helpers.
 
@@ -21,7 +25,8 @@ Documentation: the ``docs/`` folder of the repository (build it with
 the design decisions the paper leaves open, tutorials and the API reference.
 """
 
-from . import distributed, functional
+from . import ablation, distributed, functional, options, stages
+from .ablation import TABLE2, table2_options
 from .bank import ClassMemoryBank
 from .cotraining import CoTrainingOutput, CoTrainingWrapper, ProjectionHead, SegmentationWithEmbeddings, scale_gradient
 from .functional import cross_pseudo_supervision_loss, dacl_labels, sample_pixels_per_class
@@ -47,8 +52,13 @@ __all__ = [
     "cross_pseudo_supervision_loss",
     "dacl_labels",
     "gradient_share",
+    "TABLE2",
+    "ablation",
     "distributed",
     "functional",
+    "options",
+    "stages",
+    "table2_options",
     "sample_pixels_per_class",
     "scale_gradient",
     "__version__",

@@ -1,25 +1,86 @@
-"""Input checks shared by the functional core and the modules.
+"""The one validation layer shared by the functional core, the stages and the modules.
 
 Every check raises :class:`ValueError` naming the argument, what was expected and what was
-received, in the style of MONAI's losses. Checks that need the values of a tensor (finite
-features, labels in range) cost one host synchronisation each; the modules let you switch
-them off with ``validate=False`` once a pipeline is trusted.
+received, in the style of MONAI's losses. Option names go through :func:`look_up_option`,
+which suggests the nearest valid name. The modules check their scalars once, in
+``__init__``; checks that need the values of a tensor (finite features, labels in range) cost
+one host synchronisation each, and the modules let you switch them off with
+``validate=False`` once a pipeline is trusted.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import difflib
+import math
+import numbers
+from typing import Any, Optional, Sequence
 
 import torch
 
 __all__ = [
+    "look_up_option",
+    "check_int",
+    "check_optional_int",
+    "check_real",
+    "check_positive",
     "check_float",
     "check_labels",
     "check_rank",
     "check_finite",
     "check_ks",
-    "check_positive",
 ]
+
+
+def look_up_option(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """Return ``value`` when it is one of ``allowed``, else raise a ValueError that names the
+    argument, lists the allowed values and suggests the closest one (as MONAI's
+    ``look_up_option`` does).
+
+    Example:
+        >>> look_up_option("weighting", "paper", ("paper", "scale", "none"))
+        'paper'
+        >>> look_up_option("weighting", "papr", ("paper", "scale", "none"))
+        Traceback (most recent call last):
+        ...
+        ValueError: weighting: expected one of ('paper', 'scale', 'none'), got 'papr' (did you mean 'paper'?)
+    """
+    allowed = tuple(allowed)
+    if isinstance(value, str) and value in allowed:
+        return value
+    hint = ""
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value.lower(), [a.lower() for a in allowed], n=1, cutoff=0.5)
+        if close:
+            hint = f" (did you mean {allowed[[a.lower() for a in allowed].index(close[0])]!r}?)"
+    raise ValueError(f"{name}: expected one of {allowed}, got {value!r}{hint}")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """An int (not a bool) ``>= minimum``; returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_optional_int(name: str, value: Any) -> Optional[int]:
+    """None or an int (not a bool); returns it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name}: expected an int or None, got {value!r}")
+    return value
+
+
+def check_real(name: str, value: Any) -> float:
+    """A finite real number (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A real number ``> 0`` (not a bool); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (value > 0):
+        raise ValueError(f"{name}: expected a value > 0, got {value!r}")
+    return float(value)
 
 
 def check_rank(name: str, x: torch.Tensor, ranks: Sequence[int], layout: str) -> None:
@@ -62,14 +123,12 @@ def check_labels(
 
 
 def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(ks, int):
+    if isinstance(ks, int) and not isinstance(ks, bool):
         ks = (ks,)
-    ks = tuple(ks)
+    try:
+        ks = tuple(ks)
+    except TypeError:
+        raise ValueError(f"ks: expected a non-empty sequence of ints >= 1, got {ks!r}") from None
     if len(ks) == 0 or any((not isinstance(k, int)) or isinstance(k, bool) or k < 1 for k in ks):
         raise ValueError(f"ks: expected a non-empty sequence of ints >= 1, got {ks!r}")
     return ks
-
-
-def check_positive(name: str, value: float) -> None:
-    if not (value > 0):
-        raise ValueError(f"{name}: expected a value > 0, got {value!r}")

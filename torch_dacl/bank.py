@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import distributed as _dist
-from ._validation import check_float, check_rank
+from ._validation import check_float, check_int, check_rank
 
 __all__ = ["ClassMemoryBank"]
 
@@ -52,13 +52,10 @@ class ClassMemoryBank(nn.Module):
 
     def __init__(self, num_classes: int, dim: int, size: int = 1000, gather_distributed: bool = False) -> None:
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("dim", dim), ("size", size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        self.num_classes = num_classes
-        self.dim = dim
-        self.size = size
-        self.gather_distributed = gather_distributed
+        self.num_classes = check_int("num_classes", num_classes)
+        self.dim = check_int("dim", dim)
+        self.size = check_int("size", size)
+        self.gather_distributed = bool(gather_distributed)
         # One extra "trash" slot per class takes the writes that FIFO overflow drops, so a
         # push needs no boolean indexing (no host synchronisation).
         self.register_buffer("features", torch.zeros(num_classes, size + 1, dim))
@@ -112,8 +109,8 @@ class ClassMemoryBank(nn.Module):
 
     def entries(self, c: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Entries of class ``c``, oldest first: ``(features (n_c, D), density (n_c,))``."""
-        if not 0 <= c < self.num_classes:
-            raise ValueError(f"c: expected a class in [0, {self.num_classes}), got {c}")
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.num_classes:
+            raise ValueError(f"c: expected an int class in [0, {self.num_classes}), got {c!r}")
         n = int(self.count[c])
         start = int(self.ptr[c]) if n == self.size else 0
         order = (torch.arange(n, device=self.count.device) + start) % self.size
@@ -146,6 +143,8 @@ class ClassMemoryBank(nn.Module):
         m = features.shape[0]
         if labels.shape != (m,):
             raise ValueError(f"labels: expected shape ({m},) to match features, got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels: expected an integer tensor (torch.long), got dtype {labels.dtype}")
         if density is not None and density.shape != (m,):
             raise ValueError(f"density: expected shape ({m},), got {tuple(density.shape)}")
         if valid is not None and valid.shape != (m,):

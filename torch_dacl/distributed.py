@@ -12,8 +12,11 @@ Semantics (see ``docs/distributed.rst``):
 * :func:`all_gather_with_grad` sums the gradient over ranks in its backward, so that after
   DDP divides parameter gradients by the world size the result is the gradient of the
   single-process loss on the global batch (derivation in its docstring).
-* :func:`shared_generator` gives every rank the same random stream, so random choices made
-  on gathered data (negative keys, random anchors) agree across ranks.
+* :func:`shared_seed` gives every rank the same seed (one broadcast), and
+  :func:`shared_generator` the same random stream, so random choices made on gathered data
+  (negative keys, random anchors) agree across ranks.
+  :class:`~torch_dacl.SoftDensityContrastiveLoss` draws its seed once and keeps it in its
+  state (see :class:`~torch_dacl.stages.RandomStream`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ __all__ = [
     "rank",
     "all_gather_cat",
     "all_gather_with_grad",
+    "gather_sizes",
+    "shared_seed",
     "shared_generator",
 ]
 
@@ -48,8 +53,16 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def _gather_sizes(n: int, device: torch.device, uniform: bool) -> List[int]:
-    """Dim-0 size of every rank's tensor (one small all-gather and a host sync unless uniform)."""
+def gather_sizes(n: int, device: torch.device, uniform: bool = False) -> List[int]:
+    """Dim-0 size ``n`` of every rank, in rank order: one small all-gather and a host sync,
+    unless ``uniform`` (every rank has ``n``). ``[n]`` without a process group.
+
+    Example:
+        >>> gather_sizes(3, torch.device("cpu"))  # no process group
+        [3]
+    """
+    if not is_distributed():
+        return [n]
     ws = dist.get_world_size()
     if uniform:
         return [n] * ws
@@ -103,14 +116,13 @@ def all_gather_cat(*tensors: torch.Tensor, uniform: bool = False) -> Tuple[torch
         if t.shape[0] != n:
             raise ValueError(f"all_gather_cat: expected the same dim-0 size in all tensors, "
                              f"got {[tuple(x.shape) for x in tensors]}")
-    sizes = _gather_sizes(n, tensors[0].device, uniform)
+    sizes = gather_sizes(n, tensors[0].device, uniform)
     return tuple(_gather_padded(t.detach(), sizes) for t in tensors)
 
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, uniform: bool) -> torch.Tensor:  # type: ignore[override]
-        sizes = _gather_sizes(x.shape[0], x.device, uniform)
+    def forward(ctx, x: torch.Tensor, sizes: List[int]) -> torch.Tensor:  # type: ignore[override]
         r = dist.get_rank()
         ctx.start = sum(sizes[:r])
         ctx.n = sizes[r]
@@ -125,7 +137,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return g[ctx.start: ctx.start + ctx.n], None
 
 
-def all_gather_with_grad(x: torch.Tensor, uniform: bool = False) -> torch.Tensor:
+def all_gather_with_grad(x: torch.Tensor, uniform: bool = False, sizes: Optional[List[int]] = None) -> torch.Tensor:
     r"""All-gather ``x`` along dim 0 in rank order, keeping the gradient path.
 
     Returns ``G = cat(x_0, ..., x_{W-1})``. The dim-0 size may differ between ranks unless
@@ -148,24 +160,43 @@ def all_gather_with_grad(x: torch.Tensor, uniform: bool = False) -> torch.Tensor
     Args:
         x: ``(n_r, *rest)`` with ``rest`` equal on all ranks.
         uniform: every rank passes the same ``n_r``.
+        sizes: the ``n_r`` of every rank when the caller knows them (from
+            :func:`gather_sizes`); skips the exchange.
 
     Returns:
         ``(sum_r n_r, *rest)``; ``x`` itself without a process group.
     """
     if not is_distributed():
         return x
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device, uniform)
     if not x.requires_grad:
-        return all_gather_cat(x, uniform=uniform)[0]
-    return _GatherWithGrad.apply(x, uniform)
+        return _gather_padded(x.detach(), sizes)
+    return _GatherWithGrad.apply(x, sizes)
+
+
+def shared_seed(device: torch.device) -> int:
+    """A seed in ``[0, 2**62)`` drawn from the global CPU random stream, the same on every rank.
+
+    Every rank draws (so the global streams of all ranks advance alike) and rank 0's draw is
+    broadcast: one small broadcast and one host synchronisation. Without a process group it
+    is this process's draw.
+
+    Args:
+        device: device of the broadcast; it must suit the backend (a CUDA device for NCCL).
+    """
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
+    if is_distributed():
+        seed = seed.to(device)
+        dist.broadcast(seed, src=0)
+    return int(seed.item())
 
 
 def shared_generator(device: torch.device) -> Optional[torch.Generator]:
     """A random generator seeded identically on every rank; None without a process group.
 
-    Rank 0 draws a seed from its global CPU random stream and broadcasts it (one small
-    broadcast and one host synchronisation). Every rank draws too, so the global streams of
-    all ranks advance alike. Random choices made with the returned generator on gathered,
-    identical data are identical on every rank.
+    Seeded with :func:`shared_seed` (one broadcast per call). Random choices made with the
+    returned generator on gathered, identical data are identical on every rank.
 
     Args:
         device: device of the generator (and of the broadcast, so it must suit the backend:
@@ -174,8 +205,6 @@ def shared_generator(device: torch.device) -> Optional[torch.Generator]:
     if not is_distributed():
         return None
     device = torch.device(device)
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.long).to(device)
-    dist.broadcast(seed, src=0)
     gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed.item()))
+    gen.manual_seed(shared_seed(device))
     return gen

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_finite, check_float, check_ks, check_labels, check_positive, check_rank
+from ._validation import check_float, check_ks, check_labels, check_positive, check_rank, look_up_option
+from .options import PSEUDO_POLICIES, REDUCTIONS, WEIGHTINGS
 
 __all__ = [
     "masked_average_pool",
@@ -43,10 +44,10 @@ __all__ = [
     "sample_pixels_per_class",
     "cross_pseudo_supervision_loss",
     "dacl_labels",
+    "reduce_terms",
 ]
 
-_WEIGHTINGS = ("paper", "scale", "none")
-_REDUCTIONS = ("mean", "sum", "none")
+WeightingFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M float32 = 64 MiB per similarity chunk
 
 
@@ -252,6 +253,8 @@ def knn_density_grouped(
     bank: Optional[torch.Tensor] = None,
     bank_valid: Optional[torch.Tensor] = None,
     chunk_elements: int = _DEFAULT_CHUNK_ELEMENTS,
+    *,
+    validate_args: bool = True,
 ) -> torch.Tensor:
     r"""Multi-scale kNN density of per-class groups of queries (Eq. 3-5), grouped layout.
 
@@ -269,6 +272,8 @@ def knn_density_grouped(
         bank_valid: optional ``(C, L)`` bool; all True when omitted.
         chunk_elements: bound on the elements of one similarity chunk (memory linear in
             ``S`` and ``L``).
+        validate_args: check ``ks``; callers that checked it once (the modules, in
+            ``__init__``) pass False.
 
     Returns:
         ``(C, S)`` float32 densities in ``[-1, 1]``; -1 at padded positions.
@@ -282,7 +287,8 @@ def knn_density_grouped(
         >>> dens.shape, dens[1, 3:].tolist()
         (torch.Size([3, 5]), [-1.0, -1.0])
     """
-    ks = check_ks(ks)
+    if validate_args:
+        ks = check_ks(ks)
     c, s, d = features.shape
     dev = features.device
     with torch.no_grad(), _float32(dev):
@@ -385,10 +391,12 @@ def soft_density_contrastive_loss_grouped(
     negatives: torch.Tensor,
     negatives_valid: Optional[torch.Tensor] = None,
     temperature: float = 0.4,
-    weighting: str = "paper",
+    weighting: Union[str, WeightingFn] = "paper",
     gamma: Optional[float] = None,
     include_positive: bool = False,
     centers_valid: Optional[torch.Tensor] = None,
+    *,
+    validate_args: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Per-anchor terms of the soft density-guided contrastive loss (Eq. 9-10), grouped.
 
@@ -402,8 +410,11 @@ def soft_density_contrastive_loss_grouped(
     ``gamma=None`` means :math:`\gamma = 1/|\mathcal{M}^n|` so the weights of a class average
     1. ``weighting="paper"`` is Eq. 9-10 as written (gradient flows through :math:`w_i`);
     ``"scale"`` detaches :math:`w_i` and uses :math:`-w_i\log(e^{s_i}/\Sigma)`; ``"none"``
-    sets :math:`w_i=1`. ``include_positive`` adds :math:`e^{s_i}` to the denominator
-    (InfoNCE form; a deviation from Eq. 10, off by default).
+    sets :math:`w_i=1`. A callable ``weighting(log_w, log_ratio) -> terms`` plugs in another
+    rule: it receives :math:`\log w_i` and :math:`\log(e^{s_i}/\Sigma)`, both ``(C, Q)``, and
+    returns the ``(C, Q)`` terms (``"paper"`` is ``-(log_w + log_ratio)``).
+    ``include_positive`` adds :math:`e^{s_i}` to the denominator (InfoNCE form; a deviation
+    from Eq. 10, off by default).
 
     Args:
         anchors: ``(C, Q, D)`` anchors grouped by class (gradient flows).
@@ -412,10 +423,12 @@ def soft_density_contrastive_loss_grouped(
         negatives: ``(C, P, D)`` negative keys of each class.
         negatives_valid: ``(C, P)`` bool; all True when omitted.
         temperature: :math:`\tau` (0.4 in the paper).
-        weighting: ``"paper"``, ``"scale"`` or ``"none"``.
+        weighting: ``"paper"``, ``"scale"``, ``"none"`` or a callable (see above).
         gamma: :math:`\gamma` or None.
         include_positive: add the positive to the denominator.
         centers_valid: ``(C,)`` bool; all True when omitted.
+        validate_args: check ``weighting``, ``temperature`` and ``gamma``; callers that
+            checked them once (the modules, in ``__init__``) pass False.
 
     Returns:
         ``(terms (C, Q) float32, contributing (C, Q) bool)``. An anchor contributes when it
@@ -431,11 +444,12 @@ def soft_density_contrastive_loss_grouped(
         >>> terms.shape, int(contributing.sum())
         (torch.Size([2, 4]), 8)
     """
-    if weighting not in _WEIGHTINGS:
-        raise ValueError(f"weighting: expected one of {_WEIGHTINGS}, got {weighting!r}")
-    check_positive("temperature", temperature)
-    if gamma is not None:
-        check_positive("gamma", gamma)
+    if validate_args:
+        if not callable(weighting):
+            look_up_option("weighting", weighting, WEIGHTINGS)
+        check_positive("temperature", temperature)
+        if gamma is not None:
+            check_positive("gamma", gamma)
     c, q, d = anchors.shape
     dev = anchors.device
     if negatives_valid is None:
@@ -471,13 +485,27 @@ def soft_density_contrastive_loss_grouped(
         log_w = log_sm + log_inv_gamma
         if weighting == "paper":
             terms = -(log_w + log_ratio)
-        else:  # "scale"
+        elif weighting == "scale":
             terms = -torch.exp(log_w).detach() * log_ratio
+        else:  # a callable
+            terms = weighting(log_w, log_ratio)
     terms = torch.where(contributing, terms, torch.zeros_like(terms))
     return terms, contributing
 
 
-def _reduce(terms: torch.Tensor, contributing: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_terms(terms: torch.Tensor, contributing: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Reduce per-anchor terms (any shape) over the contributing anchors.
+
+    ``"mean"``: sum over the contributing anchors divided by their number (0 connected to
+    the graph when none contributes); ``"sum"``: the sum (Eq. 10); ``"none"``: ``terms``
+    unchanged (0 where an anchor does not contribute). ``reduction`` is not checked here
+    (the callers check it once).
+
+    Example:
+        >>> terms, contributing = torch.tensor([[1.0, 3.0, 0.0]]), torch.tensor([[True, True, False]])
+        >>> reduce_terms(terms, contributing, "mean").item(), reduce_terms(terms, contributing, "sum").item()
+        (2.0, 4.0)
+    """
     if reduction == "sum":
         return terms.sum()
     if reduction == "mean":
@@ -536,8 +564,7 @@ def soft_density_contrastive_loss(
         >>> bool(torch.isfinite(anchors.grad).all())
         True
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    look_up_option("reduction", reduction, REDUCTIONS)
     check_rank("anchors", anchors, (2,), "(A, D)")
     check_float("anchors", anchors)
     check_rank("anchor_labels", anchor_labels, (1,), "(A,)")
@@ -564,7 +591,7 @@ def soft_density_contrastive_loss(
     )
     if reduction == "none":
         return _scatter_back(terms, index, mask, a)
-    return _reduce(terms, contributing, reduction)
+    return reduce_terms(terms, contributing, reduction)
 
 
 # ----------------------------------------------------------------------------- Eq. 1
@@ -591,9 +618,6 @@ def gaussian_rampup(step: float, total_steps: float, max_weight: float = 0.1, wa
 
 
 # ----------------------------------------------------------------------------- DACL labels
-PSEUDO_POLICIES = ("fixed", "class_fraction", "class_prior")
-
-
 def dacl_labels(
     labels: torch.Tensor,
     labeled: torch.Tensor,
@@ -654,8 +678,7 @@ def dacl_labels(
         ...             policy="class_fraction", fraction=1.0)[0].tolist()
         [[[0, 1]]]
     """
-    if policy not in PSEUDO_POLICIES:
-        raise ValueError(f"policy: expected one of {PSEUDO_POLICIES}, got {policy!r}")
+    look_up_option("policy", policy, PSEUDO_POLICIES)
     if not 0.0 <= confidence <= 1.0:
         raise ValueError(f"confidence: expected a value in [0, 1], got {confidence!r}")
     if not 0.0 < fraction <= 1.0:

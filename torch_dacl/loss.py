@@ -1,24 +1,35 @@
-"""The end-to-end DACL term: Eq. 2-10 from pixel embeddings and labels."""
+"""The end-to-end DACL term: Eq. 2-10 from pixel embeddings and labels, composed of the
+stages of :mod:`torch_dacl.stages`."""
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed as _dist
-from . import functional as DF
-from ._validation import check_finite, check_float, check_ks, check_labels, check_positive, check_rank
+from ._validation import (check_finite, check_float, check_int, check_ks, check_labels, check_optional_int,
+                          check_positive, check_rank, check_real, look_up_option)
+from .ablation import table2_options
 from .bank import ClassMemoryBank
+from .modules import MaskedAveragePool, MultiScaleDensity
+from .options import ANCHOR_MODES, BANK_SOURCES, REDUCTIONS, SAMPLINGS, WEIGHTINGS
+from .stages import AnchorKeyMiner, BankPolicy, PixelSampler, RandomStream, SoftContrastiveTerm, one_hot_maps
 
 __all__ = ["SoftDensityContrastiveLoss", "DACLDetails"]
 
-_BANK_SOURCES = ("prototype", "pixel")
-_ANCHOR_MODES = ("pixel", "class")
-_SAMPLINGS = ("density", "random")
+
+def _option(stage: str, attr: str, check: Callable[[Any], Any]) -> property:
+    """A constructor option of the loss kept by one of its stages: read from it, and written
+    to it through ``check`` (the same check as in ``__init__``)."""
+    def get(self):
+        return getattr(getattr(self, stage), attr)
+
+    def set_(self, value):
+        setattr(getattr(self, stage), attr, check(value))
+
+    return property(get, set_, doc=f"Kept by ``self.{stage}.{attr}``.")
 
 
 class DACLDetails(NamedTuple):
@@ -28,7 +39,7 @@ class DACLDetails(NamedTuple):
     per-class ``(C,)`` summaries are what :class:`~torch_dacl.objective.DACLObjective` logs.
 
     Attributes:
-        loss: the scalar loss.
+        loss: the scalar loss (the ``(C, Q)`` terms with ``reduction="none"``).
         density: ``(C, S)`` density of the sampled batch features (-1 where padded).
         sample_valid: ``(C, S)`` bool, sampled positions that hold a feature.
         anchor_density: ``(C, Q)`` density of the selected anchors.
@@ -80,70 +91,37 @@ class DACLDetails(NamedTuple):
         return out
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x (C, S, D)``, ``index (C, K)`` -> ``(C, K, D)``."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def _select(score: torch.Tensor, valid: torch.Tensor, k: int, largest: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the ``k`` largest/smallest valid scores per row, and their validity."""
-    k = min(k, score.shape[1])
-    fill = float("-inf") if largest else float("inf")
-    masked = torch.where(valid, score, torch.full_like(score, fill))
-    idx = masked.topk(k, dim=1, largest=largest).indices
-    return idx, valid.gather(1, idx)
-
-
-def _split_by_rank(
-    key: torch.Tensor, valid: torch.Tensor, num_low: int, num_high: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Disjoint low and high ends of one ranking of each row (anchors and batch positives).
-
-    The valid entries of each row of ``key (C, S)`` are sorted ascending (ties by position).
-    With ``n`` valid entries, the ``q = num_low`` lowest and the ``h = num_high`` highest
-    are taken when ``n >= num_low + num_high``; otherwise ``q = min(num_low, n // 2)`` and
-    ``h = min(num_high, n - q)``, so the two sets never share an entry.
-
-    Returns ``(low_idx (C, min(num_low, S)), low_valid, high_idx (C, min(num_high, S)),
-    high_valid)``; vectorised, no host synchronisation.
-    """
-    c, s = key.shape
-    dev = key.device
-    order = torch.where(valid, key, torch.full_like(key, float("inf"))).argsort(dim=1, stable=True)
-    n = valid.sum(1, keepdim=True)  # (C, 1)
-    enough = n >= num_low + num_high
-    q = torch.where(enough, torch.full_like(n, num_low), torch.clamp(n // 2, max=num_low))
-    h = torch.where(enough, torch.full_like(n, num_high), torch.clamp(n - q, max=num_high))
-    ql, hl = min(num_low, s), min(num_high, s)
-    low_rank = torch.arange(ql, device=dev).unsqueeze(0)
-    high_rank = torch.arange(hl, device=dev).unsqueeze(0)
-    low_idx = order[:, :ql]
-    high_idx = order.gather(1, (n - 1 - high_rank).clamp_min(0))
-    return low_idx, low_rank < q, high_idx, high_rank < h
-
-
-def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mean over dim 1 of the valid rows of ``x (C, K, D)``: ``(C, D)`` and ``(C,)`` any-valid."""
-    w = valid.to(x.dtype).unsqueeze(-1)
-    n = w.sum(1)
-    return (x * w).sum(1) / n.clamp_min(1.0), n.squeeze(-1) > 0
-
-
 class SoftDensityContrastiveLoss(nn.Module):
     r"""Density-aware contrastive loss of DACL, end to end (Eq. 2-10), with its memory bank.
 
-    One call does, for each class :math:`n`, without a Python loop over classes or pixels:
+    One call does, for each class :math:`n`, without a Python loop over classes or pixels,
+    each step a stage of :mod:`torch_dacl.stages` (the keywords below build them):
 
-    1. sample at most ``max_samples_per_class`` labelled pixels (ignoring ``ignore_index``);
+    1. sample at most ``max_samples_per_class`` labelled pixels (ignoring ``ignore_index``)
+       (:class:`~torch_dacl.stages.PixelSampler`, with the per-image prototypes of Eq. 2 from
+       :class:`~torch_dacl.MaskedAveragePool` when they are needed);
     2. multi-scale kNN density of each against the batch and the class memory
-       :math:`\mathcal{G}_n \cup \mathcal{V}_n` (Eq. 3-5);
+       :math:`\mathcal{G}_n \cup \mathcal{V}_n` (Eq. 3-5,
+       :meth:`MultiScaleDensity.grouped <torch_dacl.MultiScaleDensity.grouped>`);
     3. anchors: the ``num_anchors`` (:math:`N_q`) lowest-density features (Eq. 6);
     4. positive keys: the ``num_positives/2`` highest-density batch features and the
        ``num_positives/2`` bank entries of highest stored density (Eq. 7), averaged into the
        class center (Eq. 8);
-    5. negatives: ``num_negatives`` (:math:`N_p^-`) random batch features of other classes;
-    6. the soft contrastive loss with positiveness weights (Eq. 9-10);
-    7. the bank update with detached vectors (per-image prototypes of Eq. 2, or pixels).
+    5. negatives: ``num_negatives`` (:math:`N_p^-`) random batch features of other classes
+       (3-5: :class:`~torch_dacl.stages.AnchorKeyMiner`);
+    6. the soft contrastive loss with positiveness weights (Eq. 9-10,
+       :class:`~torch_dacl.stages.SoftContrastiveTerm`);
+    7. the bank update with detached vectors (per-image prototypes of Eq. 2, or pixels;
+       :class:`~torch_dacl.stages.BankPolicy`).
+
+    Table 2's ablation rows are named compositions: ``SoftDensityContrastiveLoss.from_table2("III",
+    num_classes=..., dim=...)`` (see :mod:`torch_dacl.ablation`).
+
+    **Randomness.** The pixel sample, the negatives, random rankings and pixel pushes draw
+    from the loss's own :class:`~torch_dacl.stages.RandomStream`: a seed (``seed``, or drawn
+    once from the global CPU stream at the first call) and a call counter, saved in the
+    ``state_dict`` (``_extra_state``), so a loss restored from a checkpoint continues its
+    random stream exactly.
 
     Gradients reach the embeddings through the anchors only; positives, negatives and
     densities carry none.
@@ -179,7 +157,7 @@ class SoftDensityContrastiveLoss(nn.Module):
             use the batch only.
         sampling: ``"density"`` (Eq. 6-7) or ``"random"`` anchors and positives (plain
             contrastive learning, ablation II).
-        weighting: ``"paper"``, ``"scale"`` or ``"none"`` (ablation V vs VI), see
+        weighting: ``"paper"``, ``"scale"``, ``"none"`` (ablation V vs VI) or a callable, see
             :func:`~torch_dacl.functional.soft_density_contrastive_loss_grouped`.
         gamma: :math:`\gamma` of Eq. 9; None means ``1/N_q`` of the class.
         include_positive: add the positive to the denominator (not in Eq. 10).
@@ -189,12 +167,17 @@ class SoftDensityContrastiveLoss(nn.Module):
             does not say how pixels are subsampled).
         threshold: :math:`\phi` of Eq. 2 when ``probs`` are passed.
         ignore_index: label value that takes no part (None: every label must be a class).
-        reduction: ``"mean"`` over contributing anchors (default) or ``"sum"`` (Eq. 10).
+        reduction: ``"mean"`` over contributing anchors (default), ``"sum"`` (Eq. 10) or
+            ``"none"``: the same values as the functional core; ``"none"`` gives the
+            ``(C, Q)`` per-anchor terms grouped by class (the flat
+            :func:`~torch_dacl.functional.soft_density_contrastive_loss` gives ``(A,)`` in its
+            anchors' order).
         gather_distributed: under ``torch.distributed``, all-gather the sampled pixel
             features and the per-image prototypes (rank-major, i.e. in global batch order) so
             every rank computes the loss of the global batch, and draw the random choices
             (negatives, random anchors/positives, pixel pushes) from a generator seeded alike
-            on all ranks: every rank gets the same loss and holds the same bank. Gradients
+            on all ranks (the seed is broadcast once, at the first call, unless ``seed`` is
+            given): every rank gets the same loss and holds the same bank. Gradients
             reach each rank's embeddings through
             :func:`~torch_dacl.distributed.all_gather_with_grad`, summed over ranks, so that
             DDP's averaging gives the single-process gradient. ``max_samples_per_class`` is a
@@ -205,6 +188,13 @@ class SoftDensityContrastiveLoss(nn.Module):
         validate: check values (finite embeddings, labels in range), one host sync each.
         update_bank_in_eval: push into the bank also in ``eval()`` mode (default False: a
             loss evaluated in eval mode, e.g. on validation data, leaves the bank as it was).
+        seed: seed of the loss's random stream (an int >= 0); None draws one at the first
+            call from the global CPU random stream (broadcast from rank 0 when distributed).
+
+    Every option is checked once, here (names through
+    :func:`~torch_dacl.options.look_up_option`, which suggests the nearest valid one). The
+    options stay readable as attributes (``loss.ks``, ``loss.use_bank``, ...), read from the
+    stages; setting one (``loss.ignore_index = 2``) sets it on its stage, checked alike.
 
     Shape:
         - embeddings: ``(N, D, H, W)`` or ``(N, D, Z, H, W)``.
@@ -229,6 +219,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         >>> bool(torch.isfinite(emb.grad).all())
         True
     """
+
 
     def __init__(
         self,
@@ -255,51 +246,73 @@ class SoftDensityContrastiveLoss(nn.Module):
         gather_distributed: bool = False,
         validate: bool = True,
         update_bank_in_eval: bool = False,
+        seed: Optional[int] = None,
     ) -> None:
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("dim", dim), ("num_anchors", num_anchors),
-                        ("num_positives", num_positives), ("num_negatives", num_negatives),
-                        ("bank_size", bank_size), ("bank_push_per_class", bank_push_per_class),
-                        ("max_samples_per_class", max_samples_per_class)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        check_positive("temperature", temperature)
-        if gamma is not None:
-            check_positive("gamma", gamma)
-        for name, v, allowed in (("bank_source", bank_source, _BANK_SOURCES), ("anchor_mode", anchor_mode, _ANCHOR_MODES),
-                                 ("sampling", sampling, _SAMPLINGS), ("weighting", weighting, DF._WEIGHTINGS),
-                                 ("reduction", reduction, ("mean", "sum"))):
-            if v not in allowed:
-                raise ValueError(f"{name}: expected one of {allowed}, got {v!r}")
-        self.num_classes = num_classes
-        self.dim = dim
-        self.temperature = float(temperature)
-        self.ks = check_ks(ks)
-        self.num_anchors = num_anchors
-        self.num_positives = num_positives
-        self.num_negatives = num_negatives
-        self.bank_source = bank_source
-        self.bank_push_per_class = bank_push_per_class
-        self.use_bank = use_bank
-        self.sampling = sampling
-        self.weighting = weighting
-        self.gamma = gamma
-        self.include_positive = include_positive
-        self.anchor_mode = anchor_mode
-        self.max_samples_per_class = max_samples_per_class
-        self.threshold = float(threshold)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.gather_distributed = gather_distributed
-        self.validate = validate
-        self.update_bank_in_eval = bool(update_bank_in_eval)
-        self.bank = ClassMemoryBank(num_classes, dim, bank_size, gather_distributed=False)
+        self.num_classes = check_int("num_classes", num_classes)
+        self.dim = check_int("dim", dim)
+        self.validate = bool(validate)
+        self.pool = MaskedAveragePool(threshold)
+        self.sampler = PixelSampler(num_classes, max_samples_per_class, ignore_index, gather_distributed)
+        self.density = MultiScaleDensity(ks)
+        self.miner = AnchorKeyMiner(num_anchors, num_positives, num_negatives, sampling, anchor_mode)
+        self.term = SoftContrastiveTerm(temperature, weighting, gamma, include_positive, reduction)
+        self.bank_policy = BankPolicy(bank_source, bank_push_per_class, update_bank_in_eval, use_bank)
+        self.bank = ClassMemoryBank(num_classes, dim, check_int("bank_size", bank_size), gather_distributed=False)
+        self.stream = RandomStream(seed)
+
+    @classmethod
+    def from_table2(cls, row: str, num_classes: int, dim: int, **overrides: Any) -> "SoftDensityContrastiveLoss":
+        """The loss of Table 2's ``row`` (``"II"`` ... ``"VI"``, see :mod:`torch_dacl.ablation`),
+        with ``overrides`` for the other options (budgets, ``bank_size``, ...).
+
+        Example:
+            >>> loss_fn = SoftDensityContrastiveLoss.from_table2("II", num_classes=3, dim=16, num_anchors=8)
+            >>> loss_fn.sampling, loss_fn.use_bank, loss_fn.weighting, loss_fn.num_anchors
+            ('random', False, 'none', 8)
+        """
+        return cls(num_classes, dim, **{**table2_options(row), **overrides})
+
+    # the constructor's options, read from (and written to, checked) the stages that hold them
+    temperature = _option("term", "temperature", lambda v: check_positive("temperature", v))
+    weighting = _option("term", "weighting", lambda v: v if callable(v) else look_up_option("weighting", v, WEIGHTINGS))
+    gamma = _option("term", "gamma", lambda v: None if v is None else check_positive("gamma", v))
+    include_positive = _option("term", "include_positive", bool)
+    reduction = _option("term", "reduction", lambda v: look_up_option("reduction", v, REDUCTIONS))
+    ks = _option("density", "ks", check_ks)
+    num_anchors = _option("miner", "num_anchors", lambda v: check_int("num_anchors", v))
+    num_positives = _option("miner", "num_positives", lambda v: check_int("num_positives", v))
+    num_negatives = _option("miner", "num_negatives", lambda v: check_int("num_negatives", v))
+    sampling = _option("miner", "sampling", lambda v: look_up_option("sampling", v, SAMPLINGS))
+    anchor_mode = _option("miner", "anchor_mode", lambda v: look_up_option("anchor_mode", v, ANCHOR_MODES))
+    max_samples_per_class = _option("sampler", "max_per_class", lambda v: check_int("max_samples_per_class", v))
+    ignore_index = _option("sampler", "ignore_index", lambda v: check_optional_int("ignore_index", v))
+    gather_distributed = _option("sampler", "gather_distributed", bool)
+    threshold = _option("pool", "threshold", lambda v: check_real("threshold", v))
+    bank_source = _option("bank_policy", "source", lambda v: look_up_option("bank_source", v, BANK_SOURCES))
+    bank_push_per_class = _option("bank_policy", "push_per_class", lambda v: check_int("bank_push_per_class", v))
+    use_bank = _option("bank_policy", "enabled", bool)
+    update_bank_in_eval = _option("bank_policy", "update_in_eval", bool)
 
     def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, dim={self.dim}, temperature={self.temperature}, ks={self.ks}, "
-                f"num_anchors={self.num_anchors}, num_positives={self.num_positives}, "
-                f"num_negatives={self.num_negatives}, bank_source={self.bank_source!r}, use_bank={self.use_bank}, "
-                f"sampling={self.sampling!r}, weighting={self.weighting!r}, anchor_mode={self.anchor_mode!r}")
+        return f"num_classes={self.num_classes}, dim={self.dim}, validate={self.validate}"
+
+    # ------------------------------------------------------------------ state: the random stream
+    def get_extra_state(self) -> torch.Tensor:
+        """The random stream's ``int64 [seed, calls]`` (saved in the ``state_dict``)."""
+        return self.stream.state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.stream.load_state(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a checkpoint from before the stream was saved: keep this loss's stream, load the rest
+        missing = prefix + "_extra_state" not in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if missing and prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
 
     # ------------------------------------------------------------------ input handling
     def _prepare(
@@ -351,134 +364,36 @@ class SoftDensityContrastiveLoss(nn.Module):
             The scalar loss, or a :class:`DACLDetails` when ``return_details``.
         """
         labels, probs = self._prepare(embeddings, labels, probs)
-        n, d = embeddings.shape[:2]
-        c = self.num_classes
-        dev = embeddings.device
-        p = math.prod(embeddings.shape[2:])
-
-        # 1. sample pixels per class, gather only those (no copy of the whole tensor)
-        flat = labels.reshape(-1)
-        valid_pix = None if self.ignore_index is None else flat != self.ignore_index
-        idx, svalid = DF.group_by_label(flat, c, self.max_samples_per_class, valid=valid_pix, shuffle=True)
-        if embeddings.is_contiguous():  # (N, D, P) is a view
-            feats = embeddings.reshape(n, d, p)[idx // p, :, idx % p]  # (C, S, D), gradient flows
-        else:  # channels-last: (N, P, D) is the view; any other layout pays one copy here
-            feats = embeddings.movedim(1, -1).reshape(n, p, d)[idx // p, idx % p]
-        # distributed: every rank gathers the sampled features of all ranks (rank-major along
-        # S) and draws its random choices from a generator seeded alike on all ranks, so all
-        # ranks compute the same loss on the global batch and push the same bank entries
-        distributed = self.gather_distributed and _dist.is_distributed()
-        gen = _dist.shared_generator(dev) if distributed else None
-        if distributed:
-            feats = _dist.all_gather_with_grad(feats.transpose(0, 1), uniform=True).transpose(0, 1)
-            svalid = _dist.all_gather_cat(svalid.transpose(0, 1), uniform=True)[0].transpose(0, 1)
-        x = F.normalize(feats.detach().float(), dim=-1)
-
-        use_bank = self.use_bank
-        bank, bank_valid = (self.bank.bank, self.bank.valid) if use_bank else (None, None)
-
-        # 2. density of batch features against batch U bank (Eq. 3-5)
-        dens = DF.knn_density_grouped(x, svalid, self.ks, bank, bank_valid)
-
-        # prototypes (Eq. 2): class-wise anchors and/or the bank update
-        protos = pvalid = pdens = None
-        if self.anchor_mode == "class" or (use_bank and self.bank_source == "prototype"):
-            src = embeddings if self.anchor_mode == "class" else embeddings.detach()
-            maps = probs if probs is not None else self._one_hot(labels)
-            protos, pvalid = DF.masked_average_pool(src, maps, self.threshold)  # (N, C, D)
-            protos, pvalid = protos.transpose(0, 1), pvalid.transpose(0, 1)  # (C, N, D)
-            if distributed:  # per-image prototypes of all ranks, in global batch order
-                protos = _dist.all_gather_with_grad(protos.transpose(0, 1)).transpose(0, 1)
-                pvalid = _dist.all_gather_cat(pvalid.transpose(0, 1))[0].transpose(0, 1)
-            pdens = DF.knn_density_grouped(protos, pvalid, self.ks, bank, bank_valid)
-
-        # 3-4. anchors (Eq. 6) and positive keys (Eq. 7); in pixel mode both come from one
-        # ranking of the sampled pixels, the low end (anchors) and the high end (batch
-        # positives), disjoint even for a class with few pixels
-        half = max(1, self.num_positives // 2)
-        rand_key = None if self.sampling == "density" else torch.rand(dens.shape, device=dev, generator=gen)
-        if self.anchor_mode == "class":
-            cand, cand_dens = protos, pdens
-            a_key = cand_dens if rand_key is None else torch.rand(pvalid.shape, device=dev, generator=gen)
-            a_idx, a_valid = _select(a_key, pvalid, self.num_anchors, largest=False)
-            pb_idx, pb_valid = _select(dens if rand_key is None else rand_key, svalid, half, largest=True)
-            overlap = torch.zeros(c, dtype=torch.long, device=dev)  # prototypes vs pixels
-        else:
-            cand, cand_dens = feats, dens
-            a_idx, a_valid, pb_idx, pb_valid = _split_by_rank(
-                dens if rand_key is None else rand_key, svalid, self.num_anchors, half)
-            overlap = self._overlap(a_idx, a_valid, pb_idx, pb_valid, svalid.shape[1])
-        anchors = _gather_rows(cand, a_idx)
-        pos, pos_valid = _gather_rows(x, pb_idx), pb_valid
-        if use_bank:
-            bnk_valid = bank_valid
-            key_g = self.bank.bank_density if self.sampling == "density" else \
-                torch.rand(bnk_valid.shape, device=dev, generator=gen)
-            pg_idx, pg_valid = _select(key_g, bnk_valid, self.num_positives - half, largest=True)
-            pos_g = F.normalize(_gather_rows(bank, pg_idx), dim=-1)
-            pos, pos_valid = torch.cat([pos, pos_g], 1), torch.cat([pos_valid, pg_valid], 1)
-        centers, centers_valid = _masked_mean(pos, pos_valid)
-
-        # 5. negatives: random batch features of the other classes, no gradient
-        negatives, neg_valid = self._negatives(x, svalid, gen)
-
-        # 6. loss (Eq. 9-10)
-        terms, contributing = DF.soft_density_contrastive_loss_grouped(
-            anchors, a_valid, centers, negatives, neg_valid, temperature=self.temperature,
-            weighting=self.weighting, gamma=self.gamma, include_positive=self.include_positive,
-            centers_valid=centers_valid,
-        )
-        loss = DF._reduce(terms, contributing, self.reduction)
-
-        # 7. bank update with detached vectors (FIFO); not in eval() unless asked
-        if use_bank and (self.training or self.update_bank_in_eval):
-            if self.bank_source == "prototype":
-                cls = torch.arange(c, device=dev).unsqueeze(1).expand_as(pvalid)
-                self.bank.push(protos.detach().reshape(-1, d), cls.reshape(-1), pdens.reshape(-1), pvalid.reshape(-1))
-            else:
-                k = min(self.bank_push_per_class, x.shape[1])  # the first k of a random order
-                px, pd, pv = x[:, :k], dens[:, :k], svalid[:, :k]
-                if distributed:  # the gathered rows are rank-major: draw k at random instead
-                    keys = torch.rand(svalid.shape, device=dev, generator=gen).masked_fill(~svalid, -1.0)
-                    pick = keys.topk(k, dim=1).indices
-                    px, pd, pv = _gather_rows(x, pick), dens.gather(1, pick), svalid.gather(1, pick)
-                cls = torch.arange(c, device=dev).unsqueeze(1).expand(c, k)
-                self.bank.push(px.reshape(-1, d), cls.reshape(-1), pd.reshape(-1), pv.reshape(-1))
-
+        shared, local = self.stream.next(embeddings.device, self.sampler.distributed)
+        # Eq. 2: per-image class prototypes, as class-wise anchors and/or for the bank
+        class_anchors = self.miner.anchor_mode == "class"
+        protos = (None, None)
+        if class_anchors or self.bank_policy.stores_prototypes:
+            maps = probs if probs is not None else one_hot_maps(labels, self.num_classes)
+            protos = self.pool(embeddings if class_anchors else embeddings.detach(), maps)
+        # 1. per-class pixel sample, gathered with the prototypes across ranks (one collective)
+        batch = self.sampler(embeddings, labels, *protos, generator=local)
+        # 2. multi-scale kNN density against the batch and the class memory (Eq. 3-5)
+        memory = self.bank_policy.memory(self.bank)
+        keys = (None, None) if memory is None else (memory.features, memory.valid)
+        density = self.density.grouped(batch.unit, batch.valid, *keys)
+        proto_density = None if batch.prototypes is None else \
+            self.density.grouped(batch.prototypes, batch.prototypes_valid, *keys)
+        # 3-5. anchors (Eq. 6), positive keys and their centers (Eq. 7-8), negative keys
+        mined = self.miner(batch, density, proto_density, memory, generator=shared)
+        # 6. the soft contrastive term (Eq. 9-10)
+        loss, contributing = self.term(mined.anchors, mined.anchor_valid, mined.centers, mined.negatives,
+                                       mined.negative_valid, mined.centers_valid)
+        # 7. the bank update with detached vectors (FIFO); not in eval() unless asked
+        self.bank_policy.update(self.bank, batch, density, proto_density, self.training, generator=shared)
         if return_details:
-            with torch.no_grad():
-                cos = torch.einsum("cqd,cd->cq", F.normalize(anchors.detach().float(), dim=-1),
-                                   F.normalize(centers.float(), dim=-1)) * a_valid
-            fill = self.bank.count.clone() if use_bank else torch.zeros(c, dtype=torch.long, device=dev)
-            return DACLDetails(loss, dens, svalid, cand_dens.gather(1, a_idx), a_valid, contributing.sum(),
-                               dens.gather(1, pb_idx), pb_valid, cos, overlap, fill, contributing)
+            return self._details(loss, batch.valid, density, mined, contributing)
         return loss
 
-    @staticmethod
-    def _overlap(a_idx: torch.Tensor, a_valid: torch.Tensor, p_idx: torch.Tensor, p_valid: torch.Tensor,
-                 width: int) -> torch.Tensor:
-        """``(C,)`` number of sampled positions chosen both as anchor and as batch positive."""
-        c = a_idx.shape[0]
-        in_a = torch.zeros(c, width, dtype=torch.bool, device=a_idx.device).scatter_(1, a_idx, a_valid)
-        in_p = torch.zeros(c, width, dtype=torch.bool, device=a_idx.device).scatter_(1, p_idx, p_valid)
-        return (in_a & in_p).sum(1)
-
-    def _one_hot(self, labels: torch.Tensor) -> torch.Tensor:
-        """``(N, *S)`` labels -> ``(N, C, *S)`` float one-hot; ignored pixels are all-zero."""
-        c = self.num_classes
-        lab = torch.where((labels >= 0) & (labels < c), labels, torch.full_like(labels, c))
-        oh = F.one_hot(lab, c + 1)[..., :c]
-        return oh.movedim(-1, 1).float()
-
-    def _negatives(
-        self, x: torch.Tensor, svalid: torch.Tensor, generator: Optional[torch.Generator] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``num_negatives`` features of other classes for each class, without replacement."""
-        c, s, d = x.shape
-        pool = x.reshape(c * s, d)
-        pool_cls = torch.arange(c, device=x.device).repeat_interleave(s)
-        ok = svalid.reshape(1, c * s) & (pool_cls.unsqueeze(0) != torch.arange(c, device=x.device).unsqueeze(1))
-        k = min(self.num_negatives, c * s)
-        keys = torch.rand(c, c * s, device=x.device, generator=generator).masked_fill(~ok, -1.0)
-        top = keys.topk(k, dim=1)
-        return pool[top.indices], top.values >= 0
+    def _details(self, loss, sample_valid, density, mined, contributing) -> DACLDetails:
+        with torch.no_grad():
+            cos = torch.einsum("cqd,cd->cq", F.normalize(mined.anchors.detach().float(), dim=-1),
+                               F.normalize(mined.centers.float(), dim=-1)) * mined.anchor_valid
+        fill = self.bank.count.clone() if self.use_bank else torch.zeros_like(self.bank.count)
+        return DACLDetails(loss, density, sample_valid, mined.anchor_density, mined.anchor_valid, contributing.sum(),
+                           mined.positive_density, mined.positive_valid, cos, mined.overlap, fill, contributing)

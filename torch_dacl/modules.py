@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional as DF
-from ._validation import check_ks
+from ._validation import check_int, check_ks, check_real
 
 __all__ = ["MaskedAveragePool", "MultiScaleDensity", "GaussianRampUp"]
 
@@ -33,7 +33,7 @@ class MaskedAveragePool(nn.Module):
 
     def __init__(self, threshold: float = 0.5) -> None:
         super().__init__()
-        self.threshold = float(threshold)
+        self.threshold = check_real("threshold", threshold)
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}"
@@ -43,10 +43,14 @@ class MaskedAveragePool(nn.Module):
 
 
 class MultiScaleDensity(nn.Module):
-    r"""Multi-scale kNN density (Eq. 3-5).
+    r"""Multi-scale kNN density (Eq. 3-5); the density stage of
+    :class:`~torch_dacl.SoftDensityContrastiveLoss`.
 
-    Calls :func:`torch_dacl.functional.knn_density`. ``ks=(k,)`` gives the single-scale
-    density of ablation III.
+    Calling the module uses the flat layout (:func:`torch_dacl.functional.knn_density`,
+    ``(Q, D)`` features with ``(Q,)`` labels); :meth:`grouped` uses the grouped layout
+    (:func:`torch_dacl.functional.knn_density_grouped`, ``(C, S, D)`` with a validity mask),
+    static shapes and no host synchronisation, which is what the loss calls. ``ks=(k,)``
+    gives the single-scale density of ablation III. ``ks`` is checked once, here.
 
     Args:
         ks: neighbourhood sizes (``(8, 16, 32)``; see docs: Design decisions, 3.2).
@@ -56,6 +60,8 @@ class MultiScaleDensity(nn.Module):
         >>> d = density(torch.randn(12, 16), torch.randint(0, 3, (12,)), bank=torch.randn(3, 5, 16))
         >>> bool(((d >= -1) & (d <= 1)).all())
         True
+        >>> density.grouped(torch.randn(3, 5, 16), torch.ones(3, 5, dtype=torch.bool)).shape
+        torch.Size([3, 5])
     """
 
     def __init__(self, ks: Sequence[int] = (8, 16, 32)) -> None:
@@ -73,6 +79,18 @@ class MultiScaleDensity(nn.Module):
         bank_valid: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return DF.knn_density(features, labels, self.ks, bank, bank_valid)
+
+    def grouped(
+        self,
+        features: torch.Tensor,
+        valid: torch.Tensor,
+        bank: Optional[torch.Tensor] = None,
+        bank_valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``(C, S)`` density of ``features (C, S, D)`` grouped by class (-1 where ``valid``
+        is False) against the other valid members of their group and the valid bank entries
+        ``bank (C, L, D)`` of their class."""
+        return DF.knn_density_grouped(features, valid, self.ks, bank, bank_valid, validate_args=False)
 
 
 def resolve_warmup(warmup: Union[int, float], total_steps: int) -> int:
@@ -129,9 +147,7 @@ class GaussianRampUp(nn.Module):
 
     def __init__(self, total_steps: int, max_weight: float = 0.1, warmup_steps: Union[int, float] = 1000) -> None:
         super().__init__()
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps: expected an int >= 1, got {total_steps!r}")
-        self.total_steps = int(total_steps)
+        self.total_steps = check_int("total_steps", total_steps)
         self.max_weight = float(max_weight)
         self.warmup_steps = resolve_warmup(warmup_steps, self.total_steps)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))

@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from . import functional as DF
+from ._validation import check_int, look_up_option
 from .cotraining import ProjectionHead
 from .loss import SoftDensityContrastiveLoss
 from .modules import GaussianRampUp
+from .options import PSEUDO_POLICIES
 
 __all__ = ["DACLObjective", "DACLObjectiveOutput", "gradient_share"]
 
@@ -98,7 +100,7 @@ class DACLObjective(nn.Module):
             ``[0, 1)`` (a fraction of ``total_steps``; default ``1/30``, the paper's 1,000 of
             30,000). Warns when it covers the whole run.
         contrastive: False gives plain CPS (no DACL term, nothing sampled).
-        pseudo_policy: ``"fixed"`` or ``"class_fraction"``, see
+        pseudo_policy: ``"fixed"``, ``"class_fraction"`` or ``"class_prior"``, see
             :func:`~torch_dacl.functional.dacl_labels`.
         pseudo_confidence: the pseudo labels' confidence threshold (0.95), named apart from
             Eq. 2's :math:`\phi` (``threshold``).
@@ -111,7 +113,9 @@ class DACLObjective(nn.Module):
         ignore_index: label value that takes no part.
         **loss_options: passed to both :class:`~torch_dacl.SoftDensityContrastiveLoss`
             (``temperature``, ``ks``, ``num_anchors``, ``bank_size``, ``weighting``,
-            ``reduction``, ...).
+            ``reduction`` (``"mean"`` or ``"sum"``), ...); a Table 2 row is
+            ``**table2_options("IV")`` (:mod:`torch_dacl.ablation`). With ``seed=s``, model
+            :math:`a`'s loss draws from ``s`` and model :math:`b`'s from ``s + 1``.
 
     Shape:
         - logits: ``(N, C, *S)`` of each model; embeddings ``(N, D, *S')`` of each model.
@@ -157,14 +161,14 @@ class DACLObjective(nn.Module):
         **loss_options,
     ) -> None:
         super().__init__()
-        if pseudo_policy not in DF.PSEUDO_POLICIES:
-            raise ValueError(f"pseudo_policy: expected one of {DF.PSEUDO_POLICIES}, got {pseudo_policy!r}")
+        look_up_option("pseudo_policy", pseudo_policy, PSEUDO_POLICIES)
+        if loss_options.get("reduction") == "none":
+            raise ValueError("reduction: expected 'mean' or 'sum' in DACLObjective (its terms are scalars), got 'none'")
         if not 0.0 <= pseudo_confidence <= 1.0:
             raise ValueError(f"pseudo_confidence: expected a value in [0, 1], got {pseudo_confidence!r}")
         if not 0.0 < pseudo_fraction <= 1.0:
             raise ValueError(f"pseudo_fraction: expected a value in (0, 1], got {pseudo_fraction!r}")
-        if isinstance(pixel_stride, bool) or not isinstance(pixel_stride, int) or pixel_stride < 1:
-            raise ValueError(f"pixel_stride: expected an int >= 1, got {pixel_stride!r}")
+        check_int("pixel_stride", pixel_stride)
         for name, v in (("lambda_cl", lambda_cl), ("lambda_cross", lambda_cross)):
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name}: expected a finite value >= 0, got {v!r}")
@@ -184,8 +188,11 @@ class DACLObjective(nn.Module):
         self.head_weight = head_weight
         self.ignore_index = ignore_index
         self.ramp = GaussianRampUp(total_steps, max_weight=lambda_cl, warmup_steps=warmup)
-        self.loss_a = SoftDensityContrastiveLoss(num_classes, dim, ignore_index=ignore_index, **loss_options)
-        self.loss_b = SoftDensityContrastiveLoss(num_classes, dim, ignore_index=ignore_index, **loss_options)
+        seed = loss_options.pop("seed", None)  # one seed: the two losses get distinct streams from it
+        self.loss_a = SoftDensityContrastiveLoss(num_classes, dim, ignore_index=ignore_index, seed=seed,
+                                                 **loss_options)
+        self.loss_b = SoftDensityContrastiveLoss(num_classes, dim, ignore_index=ignore_index,
+                                                 seed=None if seed is None else seed + 1, **loss_options)
         self._heads: List[ProjectionHead] = list(heads) if heads is not None else []  # not registered
         self._sync_heads()
 
