@@ -387,7 +387,8 @@ def test_scalars_are_checked_once_in_init(monkeypatch):
 # --------------------------------------------------------------------------- Table 2
 def test_table2_rows_are_named_compositions():
     assert TABLE2_ROWS == ("I", "II", "III", "IV", "V", "VI")
-    assert table2_options("II") == dict(sampling="random", use_bank=False, weighting="none")
+    assert table2_options("II") == dict(sampling="random", ks=(8, 16, 32), use_bank=False, weighting="none")
+    assert all(set(row) == {"sampling", "ks", "use_bank", "weighting"} for row in TABLE2.values())
     assert table2_options("iii")["ks"] == (8,)
     vi = SoftDensityContrastiveLoss.from_table2("VI", num_classes=3, dim=8)
     default = SoftDensityContrastiveLoss(3, 8)

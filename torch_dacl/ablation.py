@@ -8,10 +8,11 @@ row    paper                                             options of :class:`~tor
 =====  ================================================  =================================================
 I      CPS baseline                                      no DACL term
 II     + plain contrastive learning                      ``sampling="random", use_bank=False, weighting="none"``
-III    + density-aware sampling, one scale, mini-batch   ``ks=(8,), use_bank=False, weighting="none"``
+                                                         (``ks`` is unused: nothing is ranked by density)
+III    + density-aware sampling, one scale, mini-batch   ``sampling="density", ks=(8,), use_bank=False, weighting="none"``
 IV     + multi-scale density                             ``ks=(8, 16, 32), use_bank=False, weighting="none"``
-V      + memory bank (density and positive keys)         ``weighting="none"``
-VI     + positiveness weights :math:`w_i` (full DACL)    the defaults
+V      + memory bank (density and positive keys)         ``ks=(8, 16, 32), use_bank=True, weighting="none"``
+VI     + positiveness weights :math:`w_i` (full DACL)    the defaults: ``weighting="paper"``
 =====  ================================================  =================================================
 
 Build a row with :meth:`SoftDensityContrastiveLoss.from_table2
@@ -35,9 +36,9 @@ from ._validation import look_up_option
 
 __all__ = ["TABLE2", "TABLE2_ROWS", "table2_options"]
 
-#: Table 2's rows II-VI: the options each sets (the rest keep their defaults).
+#: Table 2's rows II-VI: each sets the same four options (the rest keep their defaults).
 TABLE2: Mapping[str, Mapping[str, Any]] = MappingProxyType({
-    "II": MappingProxyType(dict(sampling="random", use_bank=False, weighting="none")),
+    "II": MappingProxyType(dict(sampling="random", ks=(8, 16, 32), use_bank=False, weighting="none")),
     "III": MappingProxyType(dict(sampling="density", ks=(8,), use_bank=False, weighting="none")),
     "IV": MappingProxyType(dict(sampling="density", ks=(8, 16, 32), use_bank=False, weighting="none")),
     "V": MappingProxyType(dict(sampling="density", ks=(8, 16, 32), use_bank=True, weighting="none")),
