@@ -37,6 +37,7 @@ def look_up_option(name: str, value: Any, allowed: Sequence[str]) -> str:
     ``look_up_option`` does).
 
     Example:
+        >>> from torch_dacl.options import look_up_option
         >>> look_up_option("weighting", "paper", ("paper", "scale", "none"))
         'paper'
         >>> look_up_option("weighting", "papr", ("paper", "scale", "none"))

@@ -19,6 +19,7 @@ Build a row with :meth:`SoftDensityContrastiveLoss.from_table2
 <torch_dacl.SoftDensityContrastiveLoss.from_table2>`, or pass :func:`table2_options` on to
 :class:`~torch_dacl.DACLObjective`:
 
+>>> from torch_dacl.ablation import table2_options
 >>> table2_options("III")
 {'sampling': 'density', 'ks': (8,), 'use_bank': False, 'weighting': 'none'}
 >>> from torch_dacl import DACLObjective

@@ -58,6 +58,7 @@ def gather_sizes(n: int, device: torch.device, uniform: bool = False) -> List[in
     unless ``uniform`` (every rank has ``n``). ``[n]`` without a process group.
 
     Example:
+        >>> from torch_dacl.distributed import gather_sizes
         >>> gather_sizes(3, torch.device("cpu"))  # no process group
         [3]
     """

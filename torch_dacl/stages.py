@@ -4,23 +4,17 @@ As pytorch-metric-learning builds a loss from a distance, a miner and a reducer,
 loss is a composition of these stages (the module's keywords are a shorthand that builds
 them); its ``forward`` calls them in the paper's order:
 
-=====================================  ====================================================
-stage                                  step
-=====================================  ====================================================
-:class:`~torch_dacl.MaskedAveragePool` per-image class prototypes (Eq. 2)
-:class:`PixelSampler`                  per-class pixel sample; the only place that gathers
-                                       across ranks
-:class:`~torch_dacl.MultiScaleDensity` kNN density against batch and memory (Eq. 3-5),
-                                       :meth:`~torch_dacl.MultiScaleDensity.grouped`
-:class:`AnchorKeyMiner`                anchors (Eq. 6), positive keys and their centers
-                                       (Eq. 7-8), negative keys
-:class:`SoftContrastiveTerm`           the soft contrastive term with its weighting
-                                       (Eq. 9-10) and the reduction
-:class:`BankPolicy`                    what enters the :class:`~torch_dacl.ClassMemoryBank`
-                                       and when
-:class:`RandomStream`                  the loss's random state (seeded once, saved in its
-                                       ``state_dict``)
-=====================================  ====================================================
+==========================================  =========================================================================
+stage                                       step
+==========================================  =========================================================================
+:class:`~torch_dacl.MaskedAveragePool`      per-image class prototypes (Eq. 2)
+:class:`PixelSampler`                       per-class pixel sample; the only place that gathers across ranks
+:class:`~torch_dacl.MultiScaleDensity`      kNN density against batch and memory (Eq. 3-5), its ``grouped`` call
+:class:`AnchorKeyMiner`                     anchors (Eq. 6), positive keys and their centers (Eq. 7-8), negative keys
+:class:`SoftContrastiveTerm`                the soft contrastive term with its weighting (Eq. 9-10), the reduction
+:class:`BankPolicy`                         what enters the :class:`~torch_dacl.ClassMemoryBank`, and when
+:class:`RandomStream`                       the loss's random state (seeded once, saved in its ``state_dict``)
+==========================================  =========================================================================
 
 Every stage checks its scalars once, in ``__init__``; their tensors use the grouped layout
 ``(C, S, ...)`` with a ``(C, S)`` validity mask, static shapes and no host synchronisation.
@@ -89,6 +83,7 @@ def split_by_rank(
     high_valid)``; vectorised, no host synchronisation.
 
     Example:
+        >>> from torch_dacl.stages import split_by_rank
         >>> key = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7]])
         >>> lo, lo_ok, hi, hi_ok = split_by_rank(key, torch.ones(1, 5, dtype=torch.bool), 4, 4)
         >>> lo[lo_ok].tolist(), hi[hi_ok].tolist()  # 5 entries: 2 low, 3 high
@@ -208,6 +203,7 @@ class PixelSampler(nn.Module):
         gather_distributed: gather across the ranks of the default process group.
 
     Example:
+        >>> from torch_dacl.stages import PixelSampler
         >>> sampler = PixelSampler(num_classes=2, max_per_class=3)
         >>> labels = torch.tensor([[[0, 1], [1, -100]]])
         >>> s = sampler(torch.randn(1, 4, 2, 2), labels, generator=torch.Generator().manual_seed(0))
@@ -312,9 +308,10 @@ class AnchorKeyMiner(nn.Module):
     Only the anchors carry a gradient; keys and centers are detached, L2-normalised.
 
     Example:
+        >>> from torch_dacl.stages import AnchorKeyMiner, Sample
         >>> miner = AnchorKeyMiner(num_anchors=2, num_positives=4, num_negatives=3)
         >>> feats = torch.randn(2, 6, 4)
-        >>> sample = Sample(feats, torch.ones(2, 6, dtype=torch.bool), F.normalize(feats, dim=-1))
+        >>> sample = Sample(feats, torch.ones(2, 6, dtype=torch.bool), torch.nn.functional.normalize(feats, dim=-1))
         >>> mined = miner(sample, torch.rand(2, 6))
         >>> mined.anchors.shape, mined.negatives.shape, mined.overlap.tolist()
         (torch.Size([2, 2, 4]), torch.Size([2, 3, 4]), [0, 0])
@@ -404,6 +401,7 @@ class SoftContrastiveTerm(nn.Module):
             (the ``(C, Q)`` terms, 0 where an anchor does not contribute).
 
     Example:
+        >>> from torch_dacl.stages import SoftContrastiveTerm
         >>> term = SoftContrastiveTerm(weighting="none", reduction="sum")
         >>> loss, contributing = term(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool),
         ...                           torch.randn(2, 4), torch.randn(2, 5, 4))
@@ -460,9 +458,11 @@ class BankPolicy(nn.Module):
             and nothing is pushed.
 
     Example:
+        >>> from torch_dacl import ClassMemoryBank
+        >>> from torch_dacl.stages import BankPolicy, Sample
         >>> bank, policy = ClassMemoryBank(2, 4, size=8), BankPolicy(source="pixel", push_per_class=2)
         >>> feats = torch.randn(2, 3, 4)
-        >>> sample = Sample(feats, torch.ones(2, 3, dtype=torch.bool), F.normalize(feats, dim=-1))
+        >>> sample = Sample(feats, torch.ones(2, 3, dtype=torch.bool), torch.nn.functional.normalize(feats, dim=-1))
         >>> policy.update(bank, sample, torch.zeros(2, 3), training=True)
         >>> bank.count.tolist(), policy.memory(bank).features.shape
         ([2, 2], torch.Size([2, 8, 4]))
@@ -539,6 +539,7 @@ class RandomStream:
     0's draw is broadcast once (:func:`~torch_dacl.distributed.shared_seed`).
 
     Example:
+        >>> from torch_dacl.stages import RandomStream
         >>> stream = RandomStream(seed=7)
         >>> a, _ = stream.next(torch.device("cpu"))
         >>> x = torch.rand(2, generator=a)
