@@ -89,6 +89,7 @@ class ACDCSliceData:
             self.labeled, n_val = len(prep.split["labeled"]), len(prep.split["val"])
         else:
             self.source = acdc = find_acdc_dir(resolve_data_root(cfg["data_root"]))
+            cfg["acdc_dir"] = str(acdc)  # (config.json: where the data came from)
             slices, n_val = read_list(acdc, "train_slices.list"), len(read_list(acdc, "val.list"))
             test, n_lab = read_list(acdc, "test.list"), cfg["labeled_slices"]
             if len(slices) <= n_lab:
