@@ -67,7 +67,7 @@ Preprocessing, in the spirit of nnU-Net's fingerprint:
 
 Metrics convention for a class absent from a test case (both examples): Dice is 1.0 when the
 class is absent from both the ground truth and the prediction (distances 0), and 0.0 when
-it is in exactly one of them; every class of ``dataset.json`` is scored in every case and
+it is in exactly one of them (HD95 and ASD: the volume's diagonal, ``engine.case_metrics``); every class of ``dataset.json`` is scored in every case and
 the means run over all cases and classes (:data:`EMPTY_CONVENTION`).
 
 Command line: ``python examples/nnunet_data.py <dataset folder>`` checks a dataset and
@@ -97,7 +97,8 @@ __all__ = [
 ]
 
 EMPTY_CONVENTION = ("a class absent from both ground truth and prediction: Dice 1 (distances 0); "
-                    "in exactly one of them: Dice 0; means over all cases and all classes of dataset.json")
+                    "in exactly one of them: Dice 0, distances the volume diagonal; means over all cases and all "
+                    "classes of dataset.json")
 LAYOUT_HELP = ("expected an nnU-Net raw dataset folder: dataset.json (channel_names, labels, file_ending), "
                "imagesTr/CASE_XXXX<file_ending> (one file per channel), labelsTr/CASE<file_ending>; "
                "see docs/tutorials/own_data.rst")
