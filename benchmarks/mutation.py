@@ -38,26 +38,26 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FILES = ["torch_dacl/loss.py", "torch_dacl/functional.py", "torch_dacl/cotraining.py"]
+FILES = ["torch_dacl/loss.py", "torch_dacl/stages.py", "torch_dacl/functional.py", "torch_dacl/cotraining.py"]
 TESTS = ["tests/test_functional.py", "tests/test_modules.py", "tests/test_properties.py",
-         "tests/test_module_reference.py", "tests/test_mechanism.py"]
+         "tests/test_module_reference.py", "tests/test_mechanism.py", "tests/test_stages.py"]
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "--hypothesis-seed=0"]
 # torch.compile cannot trace mutmut's trampolines (a ContextVar.set in each mutated function)
 MUTMUT_DESELECT = ["--deselect", "tests/test_modules.py::test_grouped_functional_math_compiles_fullgraph"]
 
 # (name, file, original line fragment, mutated fragment): the surviving mutations of issue #16
 NAMED = [
-    ("batch positives = lowest density (pixel anchors)", "torch_dacl/loss.py",
+    ("batch positives = lowest density (pixel anchors)", "torch_dacl/stages.py",
      "high_idx = order.gather(1, (n - 1 - high_rank).clamp_min(0))",
      "high_idx = order.gather(1, high_rank.expand(c, -1))"),
-    ("batch positives = lowest density (class anchors)", "torch_dacl/loss.py",
-     "svalid, half, largest=True)", "svalid, half, largest=False)"),
-    ("bank positives = lowest stored density", "torch_dacl/loss.py",
-     "bnk_valid, self.num_positives - half, largest=True)", "bnk_valid, self.num_positives - half, largest=False)"),
-    ("negatives also from the anchor's own class", "torch_dacl/loss.py",
-     "ok = svalid.reshape(1, c * s) & (pool_cls.unsqueeze(0) != torch.arange(c, device=x.device).unsqueeze(1))",
-     "ok = svalid.reshape(1, c * s).expand(c, -1)"),
-    ("module passes temperature=0.4 whatever it was given", "torch_dacl/loss.py",
+    ("batch positives = lowest density (class anchors)", "torch_dacl/stages.py",
+     "batch.valid, half, largest=True)", "batch.valid, half, largest=False)"),
+    ("bank positives = lowest stored density", "torch_dacl/stages.py",
+     "self.num_positives - half, largest=True)", "self.num_positives - half, largest=False)"),
+    ("negatives also from the anchor's own class", "torch_dacl/stages.py",
+     "ok = valid.reshape(1, c * s) & (pool_cls.unsqueeze(0) != torch.arange(c, device=unit.device).unsqueeze(1))",
+     "ok = valid.reshape(1, c * s).expand(c, -1)"),
+    ("module passes temperature=0.4 whatever it was given", "torch_dacl/stages.py",
      "temperature=self.temperature,", "temperature=0.4,"),
     ('"scale" weight left attached to the graph', "torch_dacl/functional.py",
      "terms = -torch.exp(log_w).detach() * log_ratio", "terms = -torch.exp(log_w) * log_ratio"),
