@@ -312,8 +312,6 @@ def test_ignore_index_inside_the_class_range_is_ignored():
     assert not out_b.sample_valid[2].any()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: the one-hot maps of the prototypes (Eq. 2) keep pixels "
-                                       "labelled ignore_index when it lies in [0, C)")
 @pytest.mark.parametrize("anchor_mode", ["pixel", "class"])
 def test_ignore_index_inside_the_class_range_makes_no_prototype(anchor_mode):
     emb, labels = make_batch(970, min_count=8)

@@ -61,6 +61,8 @@ def test_one_hot_maps_leave_ignored_pixels_empty():
     maps = one_hot_maps(torch.tensor([[[0, 2], [-100, 1]]]), 3)
     assert maps.shape == (1, 3, 2, 2) and maps.dtype == torch.float32
     assert maps.sum(1).tolist() == [[[1.0, 1.0], [0.0, 1.0]]]
+    assert one_hot_maps(torch.tensor([[[0, 2], [-100, 1]]]), 3, ignore_index=2).sum(1).tolist() == [[[1.0, 0.0],
+                                                                                                  [0.0, 1.0]]]
 
 
 # --------------------------------------------------------------------------- 1. PixelSampler

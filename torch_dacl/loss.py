@@ -369,7 +369,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         class_anchors = self.miner.anchor_mode == "class"
         protos = (None, None)
         if class_anchors or self.bank_policy.stores_prototypes:
-            maps = probs if probs is not None else one_hot_maps(labels, self.num_classes)
+            maps = probs if probs is not None else one_hot_maps(labels, self.num_classes, self.ignore_index)
             protos = self.pool(embeddings if class_anchors else embeddings.detach(), maps)
         # 1. per-class pixel sample, gathered with the prototypes across ranks (one collective)
         batch = self.sampler(embeddings, labels, *protos, generator=local)

@@ -120,10 +120,13 @@ def count_shared(a_idx: torch.Tensor, a_valid: torch.Tensor, b_idx: torch.Tensor
     return (in_a & in_b).sum(1)
 
 
-def one_hot_maps(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
     """``(N, *S)`` labels -> ``(N, C, *S)`` float one-hot class maps (Eq. 2's :math:`M_n` from
-    labels); pixels outside ``[0, C)`` (ignored) are all-zero."""
-    lab = torch.where((labels >= 0) & (labels < num_classes), labels, torch.full_like(labels, num_classes))
+    labels); pixels outside ``[0, C)`` or equal to ``ignore_index`` are all-zero."""
+    keep = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+        keep &= labels != ignore_index
+    lab = torch.where(keep, labels, torch.full_like(labels, num_classes))
     return F.one_hot(lab, num_classes + 1)[..., :num_classes].movedim(-1, 1).float()
 
 
