@@ -39,12 +39,7 @@ PAPER = ROOT / "benchmarks" / "paper_numbers.json"
 sys.path.insert(0, str(ROOT / "examples"))
 import results_schema as rs  # noqa: E402
 
-try:  # Table 2's rows as the library defines them
-    from torch_dacl.ablation import TABLE2
-except ImportError:  # an older torch_dacl: the same rows, typed here
-    TABLE2 = {"II": dict(sampling="random", use_bank=False, weighting="none"),
-              "III": dict(ks=(8,), use_bank=False, weighting="none"),
-              "IV": dict(use_bank=False, weighting="none"), "V": dict(weighting="none")}
+from torch_dacl.ablation import TABLE2  # noqa: E402  (Table 2's rows as the library defines them)
 
 
 def _flags(options: Dict) -> List[str]:

@@ -56,10 +56,7 @@ from torch_dacl.functional import gaussian_rampup  # noqa: E402
 from acdc_plot import render, save_slices, select_slices  # noqa: E402
 from results_schema import METRICS, Best, Environment, Identity, RunRecord, TestResult, Timing, ValPoint  # noqa: E402
 
-try:  # Table 2's rows by name, where the library has them
-    from torch_dacl.ablation import table2_options
-except ImportError:  # pragma: no cover
-    table2_options = None
+from torch_dacl.ablation import TABLE2, table2_options  # noqa: E402  (Table 2 rows by name)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAPER_STEPS, PAPER_WARMUP = 30000, 1000
@@ -188,9 +185,8 @@ def _optim_flags(g) -> None:
 
 
 def _objective_flags(g) -> None:
-    if table2_options is not None:
-        g.add_argument("--table2-row", choices=("II", "III", "IV", "V", "VI"), default=None,
-                       help="Table 2's ablation row (sets the DACL options below that it names)")
+    g.add_argument("--table2-row", choices=tuple(TABLE2), default=None,
+                   help="Table 2's ablation row (sets the DACL options below that it names)")
     g.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
     g.add_argument("--lambda-cross", type=float, default=1.0, help="weight of the CPS loss")
     g.add_argument("--cross-rampup", type=int, default=0, help="steps of a Gaussian ramp-up of lambda_cross (0: none)")
