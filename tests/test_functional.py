@@ -398,3 +398,24 @@ def test_cps_single_pixel_mask_is_that_pixel():
 def test_functional_bad_input_messages(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_group_by_label_edge_sizes_and_out_of_range_labels():
+    idx, mask = DF.group_by_label(torch.tensor([1]), 2, 3)  # one position
+    assert mask.tolist() == [[False] * 3, [True, False, False]] and idx[1, 0] == 0
+    idx, mask = DF.group_by_label(torch.zeros(0, dtype=torch.long), 2, 3, shuffle=True)  # none
+    assert not mask.any() and idx.shape == (2, 3)
+    labels = torch.tensor([0, 5, 1, -1, 0])  # 5 and -1 are not classes, even where valid says True
+    idx, mask = DF.group_by_label(labels, 2, 3, valid=torch.tensor([True, True, True, True, False]))
+    assert mask.sum(1).tolist() == [1, 1] and idx[0, 0] == 0 and idx[1, 0] == 2
+
+
+def test_sdcl_default_temperature_is_04():
+    g = torch.Generator().manual_seed(13)
+    args = (torch.randn(5, 3, generator=g), torch.tensor([0, 0, 1, 1, 1]), torch.randn(2, 3, generator=g),
+            torch.randn(2, 4, 3, generator=g))
+    torch.testing.assert_close(DF.soft_density_contrastive_loss(*args),
+                               DF.soft_density_contrastive_loss(*args, temperature=0.4))
+    a, v = args[0].reshape(1, 5, 3), torch.ones(1, 5, dtype=torch.bool)
+    torch.testing.assert_close(DF.soft_density_contrastive_loss_grouped(a, v, args[2][:1], args[3][:1])[0],
+                               DF.soft_density_contrastive_loss_grouped(a, v, args[2][:1], args[3][:1], temperature=0.4)[0])
