@@ -95,7 +95,7 @@ class ACDCSliceData:
             if len(slices) <= n_lab:
                 raise ACDCDataError(f"{str(acdc / 'train_slices.list')!r} has {len(slices)} lines; "
                                     f"{n_lab} labeled slices plus unlabeled ones are needed")
-            self.train = ACDCSlices(acdc, cfg["size"], augment=True, cases=slices)
+            self.train = ACDCSlices(acdc, cfg["size"], augment=True, cases=slices, crop=cfg["crop"])
             self.class_names, self.name, self.kind = ["background", *CLASS_NAMES], "ACDC", "acdc"
             self.labeled, self.labeled_unit = cfg["labeled"], "patients"
         self.n_lab, self.n_test = n_lab, len(test)
@@ -123,7 +123,7 @@ class ACDCSliceData:
 class ACDC(engine.Task):
     name, doc, presets = "acdc", __doc__, PRESETS
     paper_labeled, labeled_default = tuple(sorted(LABELED_SLICES)), 7
-    summary_keys = ("size", "encoder")
+    summary_keys = ("size", "crop", "encoder")
     data_error = (ACDCDataError, nnunet_data.NnUNetDataError)
 
     def add_arguments(self, g) -> None:
@@ -132,6 +132,8 @@ class ACDC(engine.Task):
                             "coarsest-spacing axis)")
         g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
         g.add_argument("--size", type=int, default=256, help="input side (slices are resized to size x size)")
+        g.add_argument("--crop", type=int, default=None,
+                       help="train on random crop x crop windows of the resized slices (inference sees whole slices)")
         g.add_argument("--encoder", default="resnet18", help="smp encoder name (random init)")
         g.add_argument("--decoder-channels", type=int, nargs="+", default=[256, 128, 64, 32, 16])
 

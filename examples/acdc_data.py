@@ -174,14 +174,19 @@ class ACDCSlices(Dataset):
         augment: apply :func:`augment`.
         cache: keep decoded slices in memory (per process).
         cases: slice names (default: all of ``train_slices.list``).
+        crop: train on ``crop x crop`` windows of the resized slice (a random window per
+            augmented item, the central one otherwise); None keeps the whole slice. Inference
+            always sees the whole ``size x size`` slice, so a crop keeps the resolution of
+            ``size`` at a fraction of the cost per step.
     """
 
     def __init__(self, acdc_dir: Path, size: int, augment: bool = True, cache: bool = True,
-                 cases: Optional[Sequence[str]] = None) -> None:
+                 cases: Optional[Sequence[str]] = None, crop: Optional[int] = None) -> None:
         self.acdc_dir = Path(acdc_dir)
         self.cases = list(cases) if cases is not None else read_list(self.acdc_dir, "train_slices.list")
         self.size = int(size)
         self.augment = augment
+        self.crop = int(crop) if crop and crop < self.size else None
         self.cache = cache
         self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
 
@@ -202,6 +207,13 @@ class ACDCSlices(Dataset):
         if self.augment and aug_seed is not None:
             image, label = augment(image, label, np.random.default_rng(int(aug_seed)))
         img, lab = resize_image(image, label, self.size)
+        if self.crop:
+            c, free = self.crop, self.size - self.crop
+            if self.augment and aug_seed is not None:
+                oy, ox = (int(v) for v in np.random.default_rng([int(aug_seed), 1]).integers(0, free + 1, size=2))
+            else:
+                oy = ox = free // 2
+            img, lab = img[:, oy:oy + c, ox:ox + c].contiguous(), lab[oy:oy + c, ox:ox + c].contiguous()
         return {"image": img, "label": lab, "index": torch.tensor(int(index))}
 
 

@@ -18,7 +18,15 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], num_classes: int =
 
     ``encoder_depth`` follows ``len(decoder_channels)``; the decoder output (the feature map
     the projection head reads) has ``decoder_channels[-1]`` channels at input resolution.
+    ``encoder="basicunet"`` builds MONAI's plain ``BasicUNet`` instead (two 3x3 conv + BN +
+    LeakyReLU per level, widths 16-32-64-128-256 as SSL4MIS's 2D U-Net, and
+    ``decoder_channels[-1]`` channels at the last up-sampling level, which the head reads).
     """
+    if encoder == "basicunet":
+        from monai.networks.nets import BasicUNet
+
+        return BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                         features=(16, 32, 64, 128, 256, int(decoder_channels[-1])))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # smp/timm deprecation chatter
         import segmentation_models_pytorch as smp
@@ -36,7 +44,8 @@ def build_wrapper(cfg: dict) -> CoTrainingWrapper:
     k, c = int(cfg.get("num_classes") or 4), int(cfg.get("in_channels") or 1)
     a = build_unet(cfg["encoder"], dec, k, c)
     b = build_unet(cfg["encoder"], dec, k, c)
-    return CoTrainingWrapper(a, b, feature_layer="decoder", feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]))
+    layer = "upcat_1" if cfg["encoder"] == "basicunet" else "decoder"  # the full-resolution decoder features
+    return CoTrainingWrapper(a, b, feature_layer=layer, feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]))
 
 
 @torch.no_grad()

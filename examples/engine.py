@@ -64,7 +64,7 @@ EMPTY_CONVENTION = ("both empty: dice=jaccard=1, hd95=asd=0; exactly one empty: 
                     "hd95=asd=volume diagonal in voxels (worst case)")
 RUN_OUTPUTS = ("metrics.json", "last.pt", "best.pt", "config.json", "test_slices.npz", "test_predictions.png")
 # configuration keys that may differ on --resume without a warning
-RUNTIME_KEYS = ("device", "threads", "workers", "log_every", "no_progress", "no_plot", "resume", "overwrite",
+RUNTIME_KEYS = ("device", "threads", "workers", "log_every", "no_progress", "no_plot", "no_test", "resume", "overwrite",
                 "stop_at", "output_dir", "world_size")
 
 
@@ -165,6 +165,9 @@ def _run_flags(g, task: Task) -> None:
     g.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves (default: val_every)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no picture of the test predictions")
+    g.add_argument("--no-test", action="store_true",
+                   help="stop before the test set (runs that choose settings on the validation split): writes "
+                        "val_history.json; a later --resume without it tests the best checkpoint")
 
 
 def _optim_flags(g) -> None:
@@ -458,7 +461,8 @@ class Run:
         writer.add_scalar("val/dice", dice, self.step)
         for cname, v in res.per_class["dice"].items():
             writer.add_scalar(f"val/dice_{cname}", v, self.step)
-        self.history.append({"step": self.step, "mean_dice": dice, "per_class": res.per_class["dice"], "loss": loss})
+        self.history.append({"step": self.step, "mean_dice": dice, "per_class": res.per_class["dice"], "loss": loss,
+                             "train_seconds": round(self.train_seconds, 1)})
         if dice > self.best["val_dice"]:
             self.best = {"val_dice": dice, "step": self.step}
             torch.save({"model": self.wrapper.state_dict(), "config": cfg, "step": self.step, "val_dice": dice},
@@ -484,8 +488,11 @@ def train(run: Run, stop_at: Optional[int]) -> float:
                disable=cfg["no_progress"] or not main_rank)
     t0 = time.time()
     run.wrapper.train()
+    run.train_seconds = run.history[-1].get("train_seconds") or 0.0 if run.history else 0.0
     for x, y in run.data.batches(run.step, run.lbs, run.ubs) if run.step < last else ():
+        t_step = time.time()
         vals, diag = run.train_step(x, y)
+        run.train_seconds += time.time() - t_step  # training time without validation (the curves' x axis)
         step, final = run.step, run.step == cfg["steps"]
         for k, v in (diag or {}).items():  # DACL's per-class diagnostics (and gradient share)
             if k != "step":
@@ -529,9 +536,14 @@ def main(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
             (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
             print(startup_summary(run), flush=True)
         train_s = train(run, cfg["stop_at"])
-        if run.step < cfg["steps"]:
+        if run.step < cfg["steps"] or cfg["no_test"]:
             if _dist.is_main():
-                print(f"stopped at step {run.step} of {cfg['steps']}; continue with --resume")
+                (run_dir / "val_history.json").write_text(json.dumps(
+                    {"history": run.history, "best": run.best, "train_seconds": round(train_s, 1),
+                     "threads": torch.get_num_threads()}, indent=1, default=float))
+                print(f"stopped at step {run.step} of {cfg['steps']}"
+                      + ("" if run.step < cfg["steps"] else " before the test set (--no-test)")
+                      + "; continue with --resume")
             return {"stopped_at": run.step}
         return test(run, resumed, train_s, t_start) if _dist.is_main() else {}
     finally:

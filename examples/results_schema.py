@@ -82,6 +82,7 @@ class ValPoint:
     mean_dice: float
     per_class: Dict[str, float] = field(default_factory=dict)
     loss: Optional[float] = None
+    train_seconds: Optional[float] = None  # training time (validation excluded) up to this step
 
 
 @dataclass

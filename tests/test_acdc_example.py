@@ -298,3 +298,28 @@ def test_smoke_preset_on_real_data(tmp_path, acdc_dir):
     assert res["mean"] == ev["mean"]
     out = acdc_plot.main([str(run), str(run), "--names", "one", "two", "-o", str(tmp_path / "cmp.png")])
     assert out.stat().st_size > 1000
+
+
+def test_crop_windows_and_basicunet(fake_root, tmp_path):
+    """--crop trains on windows of the resized slice (random per augmented item, central
+    otherwise); --encoder basicunet is MONAI's plain U-Net with its last decoder level hooked;
+    --no-test stops before the test set and writes the validation curve."""
+    from acdc_data import ACDCSlices, find_acdc_dir
+    from acdc_model import build_wrapper
+
+    ds = ACDCSlices(find_acdc_dir(fake_root), 32, augment=True, crop=16)
+    a, b = ds[(0, 5)], ds[(0, 5)]
+    assert a["image"].shape == (1, 16, 16) and a["label"].shape == (16, 16)
+    assert torch.equal(a["image"], b["image"])  # the window follows the augmentation seed
+    full = ACDCSlices(find_acdc_dir(fake_root), 32, augment=False)[0]["image"]
+    assert torch.equal(ds[0]["image"], full[:, 8:24, 8:24])  # no seed: the central window
+    pytest.importorskip("monai")
+    w = build_wrapper(dict(encoder="basicunet", decoder_channels=[16], embed_dim=8, seed=0))
+    out = w(torch.randn(2, 1, 32, 32))
+    assert out.logits_a.shape == (2, 4, 32, 32) and out.embeddings_a.shape == (2, 8, 32, 32)
+    res = acdc_cps_dacl.main(["--data-root", str(fake_root)] + TINY + ["--crop", "24", "--method", "sup",
+                              "--no-test", "--output-dir", str(tmp_path / "r")])
+    assert res == {"stopped_at": 4}
+    hist = json.loads((tmp_path / "r" / "val_history.json").read_text())["history"]
+    assert [h["step"] for h in hist] == [2, 4] and all(h["train_seconds"] > 0 for h in hist)
+    assert not (tmp_path / "r" / "metrics.json").exists()
