@@ -1,0 +1,90 @@
+"""Validation curves of recipe-search runs: validation Dice against training minutes, one per run.
+
+Reads whatever exists in each run folder (``val_history.json`` of a finished ``--no-test`` run,
+else the history inside ``last.pt`` of a run still going or interrupted) and writes
+``curves.json``, ``curves.md`` and ``curves.png`` into ``--out``. It reads the validation split
+only; the runs it is meant for stop before the test set (``--no-test``).
+
+Example::
+
+    python benchmarks/recipe_curves.py runs/recipe/* --out benchmarks/results/recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+KEYS = ("method", "encoder", "size", "crop", "labeled_bs", "unlabeled_bs", "lr", "steps", "labeled", "seed",
+        "threads")
+
+
+def read_run(folder: Path) -> Optional[dict]:
+    """``{"name", "config", "history", "finished"}`` of a run folder, or None if it has no history."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    hist, finished = None, False
+    if (folder / "val_history.json").is_file():
+        hist, finished = json.loads((folder / "val_history.json").read_text())["history"], True
+    elif (folder / "last.pt").is_file():
+        import torch
+
+        hist = torch.load(folder / "last.pt", map_location="cpu", weights_only=False).get("history")
+    if not hist:
+        return None
+    return {"name": folder.name, "config": {k: cfg.get(k) for k in KEYS}, "finished": finished,
+            "history": [{"step": h["step"], "val_dice": h["mean_dice"], "per_class": h.get("per_class", {}),
+                         "train_minutes": round((h.get("train_seconds") or 0) / 60, 2)} for h in hist]}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (others are skipped)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    runs = [r for r in (read_run(f) for f in args.runs if f.is_dir()) if r]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "curves.json").write_text(json.dumps(runs, indent=1))
+    lines = ["# Recipe search: validation Dice (mean of RV, Myo, LV; 3D, on the val volumes) by training time",
+             "", "Validation split only; the test split was not read. Training minutes exclude validation, on",
+             "one thread of a 2-core machine shared with other jobs (so absolute minutes are noisy).", "",
+             "| run | method | network | size / crop | batch | lr | steps done | best val Dice | at step | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c, h = r["config"], r["history"]
+        best = max(h, key=lambda x: x["val_dice"])
+        lines.append(f"| {r['name']} | {c['method']} | {c['encoder']} | {c['size']} / {c['crop'] or '-'} | "
+                     f"{c['labeled_bs']}+{c['unlabeled_bs'] if c['method'] != 'sup' else 0} | {c['lr']} | "
+                     f"{h[-1]['step']} of {c['steps']}{'' if r['finished'] else ' (running or stopped)'} | "
+                     f"{100 * best['val_dice']:.1f} % | {best['step']} | {h[-1]['train_minutes']:.0f} |")
+    lines += ["", "Curves: `curves.png`; every point in `curves.json`. Made by "
+              "`python benchmarks/recipe_curves.py runs/recipe/* --out benchmarks/results/recipe`."]
+    (args.out / "curves.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in runs:
+        h = r["history"]
+        ax.plot([x["train_minutes"] for x in h], [100 * x["val_dice"] for x in h], marker="o", label=r["name"])
+    ax.axhline(75, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("training minutes (one thread, validation excluded)")
+    ax.set_ylabel("validation Dice (%)")
+    ax.set_title("ACDC, 7 labeled patients: recipe candidates")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "curves.png", dpi=110)
+    plt.close(fig)
+    print("\n".join(lines))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""benchmarks/recipe_curves.py on hand-made run folders (a finished --no-test run and one without history)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+
+def test_curves_from_val_history(tmp_path):
+    import recipe_curves
+
+    run = tmp_path / "runs" / "A"
+    run.mkdir(parents=True)
+    cfg = dict(method="sup", encoder="basicunet", size=256, crop=128, labeled_bs=4, unlabeled_bs=4, lr=0.01,
+               steps=1000, labeled=7, seed=0, threads=1)
+    (run / "config.json").write_text(json.dumps(cfg))
+    hist = [{"step": 500, "mean_dice": 0.4, "train_seconds": 300.0}, {"step": 1000, "mean_dice": 0.7,
+                                                                        "train_seconds": 600.0}]
+    (run / "val_history.json").write_text(json.dumps({"history": hist}))
+    empty = tmp_path / "runs" / "B"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    runs = recipe_curves.main([str(run), str(empty), "--out", str(out)])
+    assert [r["name"] for r in runs] == ["A"] and runs[0]["history"][1]["train_minutes"] == 10.0
+    md = (out / "curves.md").read_text()
+    assert "| A | sup | basicunet | 256 / 128 | 4+0 | 0.01 | 1000 of 1000 | 70.0 % | 1000 | 10 |" in md
+    assert (out / "curves.png").stat().st_size > 0
