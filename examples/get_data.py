@@ -35,6 +35,7 @@ were sized on; ``--native`` keeps the scanner geometry).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import http.client
@@ -250,16 +251,19 @@ def _load_nifti(data: bytes):
     return nib.Nifti1Image.from_bytes(data)
 
 
-def _staging(out_dir: Path) -> Path:
-    """A fresh sibling folder; renamed onto ``out_dir`` only once the preparation is complete."""
+@contextlib.contextmanager
+def _staged(out_dir: Path):
+    """A fresh sibling folder to prepare into: renamed onto ``out_dir`` when the block completes,
+    removed when it raises (a half-finished preparation never looks like usable data)."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
@@ -345,7 +349,6 @@ def prepare_acdc(source: Path, out_dir: Path, splits_dir: Optional[Path] = None,
     volumes = list(dict.fromkeys(lists["train.list"] + lists["val.list"] + lists["test.list"]))
     patients = sorted({v.split("_")[0] for v in volumes})
     tree = _Tree(source)
-    tmp = None
     try:
         frames, infos = _acdc_index(tree)
         missing = [p for p in patients if p not in frames or p not in infos]
@@ -354,47 +357,42 @@ def prepare_acdc(source: Path, out_dir: Path, splits_dir: Optional[Path] = None,
                 f"{str(source)!r} is not the official ACDC release: {len(missing)} patient(s) of the split "
                 f"missing (first: {missing[0]}; expected database/training/<patient>/ with Info.cfg and "
                 f"<patient>_frameXX.nii.gz / _frameXX_gt.nii.gz)")
-        tmp = _staging(Path(out_dir))
-        (tmp / "data").mkdir()
-        train_volumes = set(lists["train.list"])
-        written_slices: List[str] = []
-        n_volumes = 0
-        for patient in tqdm(patients, desc="ACDC", disable=not progress, dynamic_ncols=True):
-            ed, es = _ed_es(tree.read(infos[patient]).decode("utf-8", "replace"))
-            for tag, frame in (("frame01", ed), ("frame02", es)):
-                pair = frames[patient].get(frame, {})
-                if "image" not in pair or "gt" not in pair:
-                    raise ArchiveError(f"{str(source)!r}: {patient} frame {frame:02d} (Info.cfg) lacks its image or "
-                                       f"its _gt file")
-                name = f"{patient}_{tag}"
-                if name not in volumes:
-                    continue
-                try:
-                    image, label = acdc_volume_arrays(_load_nifti(tree.read(pair["image"])),
-                                                      _load_nifti(tree.read(pair["gt"])))
-                except ArchiveError as e:
-                    raise ArchiveError(f"{str(source)!r}: {name}: {e}") from e
-                except Exception as e:  # a NIfTI that nibabel cannot parse
-                    raise ArchiveError(f"{str(source)!r}: {name}: unreadable NIfTI ({e})") from e
-                _write_h5(tmp / "data" / f"{name}.h5", image, label)
-                n_volumes += 1
-                if name in train_volumes:
-                    for z in range(image.shape[0]):
-                        _write_h5(tmp / "data" / f"{name}_slice_{z + 1}.h5", image[z], label[z])
-                        written_slices.append(f"{name}_slice_{z + 1}")
-        absent = sorted(set(lists["train_slices.list"]) - set(written_slices))
-        if absent:
-            raise ArchiveError(f"{str(source)!r}: {len(absent)} slice(s) of train_slices.list do not exist in the "
-                               f"volumes (first: {absent[0]}); not the official ACDC release")
-        for name in ACDC_LISTS:
-            shutil.copyfile(Path(splits_dir) / name, tmp / name)
-    except BaseException:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp)
-        raise
+        with _staged(Path(out_dir)) as tmp:
+            (tmp / "data").mkdir()
+            train_volumes = set(lists["train.list"])
+            written_slices: List[str] = []
+            n_volumes = 0
+            for patient in tqdm(patients, desc="ACDC", disable=not progress, dynamic_ncols=True):
+                ed, es = _ed_es(tree.read(infos[patient]).decode("utf-8", "replace"))
+                for tag, frame in (("frame01", ed), ("frame02", es)):
+                    pair = frames[patient].get(frame, {})
+                    if "image" not in pair or "gt" not in pair:
+                        raise ArchiveError(f"{str(source)!r}: {patient} frame {frame:02d} (Info.cfg) lacks its image or "
+                                           f"its _gt file")
+                    name = f"{patient}_{tag}"
+                    if name not in volumes:
+                        continue
+                    try:
+                        image, label = acdc_volume_arrays(_load_nifti(tree.read(pair["image"])),
+                                                          _load_nifti(tree.read(pair["gt"])))
+                    except ArchiveError as e:
+                        raise ArchiveError(f"{str(source)!r}: {name}: {e}") from e
+                    except Exception as e:  # a NIfTI that nibabel cannot parse
+                        raise ArchiveError(f"{str(source)!r}: {name}: unreadable NIfTI ({e})") from e
+                    _write_h5(tmp / "data" / f"{name}.h5", image, label)
+                    n_volumes += 1
+                    if name in train_volumes:
+                        for z in range(image.shape[0]):
+                            _write_h5(tmp / "data" / f"{name}_slice_{z + 1}.h5", image[z], label[z])
+                            written_slices.append(f"{name}_slice_{z + 1}")
+            absent = sorted(set(lists["train_slices.list"]) - set(written_slices))
+            if absent:
+                raise ArchiveError(f"{str(source)!r}: {len(absent)} slice(s) of train_slices.list do not exist in the "
+                                   f"volumes (first: {absent[0]}); not the official ACDC release")
+            for name in ACDC_LISTS:
+                shutil.copyfile(Path(splits_dir) / name, tmp / name)
     finally:
         tree.close()
-    _publish(tmp, Path(out_dir))
     counts = {"patients": len(patients), "volumes": n_volumes, "slices": len(written_slices)}
     log(f"ACDC prepared in {out_dir}: {counts['patients']} patients, {counts['volumes']} volumes, "
         f"{counts['slices']} training slices")
@@ -525,7 +523,6 @@ def prepare_chaos(source: Path, out_dir: Path, ids: Optional[Sequence[str]] = No
 
     ids = tuple(CHAOS_MR_IDS if ids is None else ids)
     tree = _Tree(source)
-    tmp = None
     try:
         cases = _chaos_index(tree)
         missing = [i for i in ids if i not in cases or not cases[i]["dcm"]]
@@ -533,22 +530,17 @@ def prepare_chaos(source: Path, out_dir: Path, ids: Optional[Sequence[str]] = No
             raise ArchiveError(
                 f"{str(source)!r} is not the official CHAOS training release: MR case(s) {missing} missing "
                 f"(expected Train_Sets/MR/<id>/T2SPIR/DICOM_anon/*.dcm and T2SPIR/Ground/*.png)")
-        tmp = _staging(Path(out_dir))
-        n_slices = 0
-        for cid in tqdm(list(ids), desc="CHAOS T2-SPIR", disable=not progress, dynamic_ncols=True):
-            img, lab = chaos_series(tree, cases[cid])
-            if resample:
-                img, lab = resample_las(img, lab)
-            nib.save(img, str(tmp / f"image_{cid}.nii.gz"))
-            nib.save(lab, str(tmp / f"label_{cid}.nii.gz"))
-            n_slices += img.shape[2]
-    except BaseException:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp)
-        raise
+        with _staged(Path(out_dir)) as tmp:
+            n_slices = 0
+            for cid in tqdm(list(ids), desc="CHAOS T2-SPIR", disable=not progress, dynamic_ncols=True):
+                img, lab = chaos_series(tree, cases[cid])
+                if resample:
+                    img, lab = resample_las(img, lab)
+                nib.save(img, str(tmp / f"image_{cid}.nii.gz"))
+                nib.save(lab, str(tmp / f"label_{cid}.nii.gz"))
+                n_slices += img.shape[2]
     finally:
         tree.close()
-    _publish(tmp, Path(out_dir))
     counts = {"volumes": len(ids), "slices": n_slices}
     log(f"CHAOS-T2 prepared in {out_dir}: {counts['volumes']} volumes, {counts['slices']} slices")
     return counts

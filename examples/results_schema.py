@@ -132,8 +132,21 @@ class Environment:
     world_size: int = 1
 
 
+class _Saved:
+    """``to_dict`` / ``save`` of the top-level records (NaN written as null, never as NaN)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _clean(asdict(self))
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        return path
+
+
 @dataclass
-class RunRecord:
+class RunRecord(_Saved):
     identity: Identity
     best: Best
     test: TestResult
@@ -145,15 +158,6 @@ class RunRecord:
     command: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _clean(asdict(self))
-
-    def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        return path
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None) -> "RunRecord":
@@ -360,7 +364,7 @@ class Paired:
 
 
 @dataclass
-class Table:
+class Table(_Saved):
     dataset: str
     preset: str
     command: str
@@ -370,15 +374,6 @@ class Table:
     units: Dict[str, str] = field(default_factory=lambda: dict(TABLE_UNITS))
     kind: str = "table"
     schema_version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> Dict[str, Any]:
-        return _clean(asdict(self))
-
-    def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        return path
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Table":
