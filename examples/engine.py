@@ -462,7 +462,7 @@ class Run:
         for cname, v in res.per_class["dice"].items():
             writer.add_scalar(f"val/dice_{cname}", v, self.step)
         self.history.append({"step": self.step, "mean_dice": dice, "per_class": res.per_class["dice"], "loss": loss,
-                             "train_seconds": round(self.train_seconds, 1)})
+                             "train_seconds": round(self.train_seconds, 3)})
         if dice > self.best["val_dice"]:
             self.best = {"val_dice": dice, "step": self.step}
             torch.save({"model": self.wrapper.state_dict(), "config": cfg, "step": self.step, "val_dice": dice},
