@@ -4,7 +4,7 @@ Every training run writes ``test_slices.npz`` (a few test slices: image, ground 
 its prediction) and its own ``test_predictions.png``. To put several runs side by side on
 the same slices (e.g. CPS vs DACL)::
 
-    python examples/acdc_plot.py runs/acdc_cps_quick_seed0 runs/acdc_dacl_quick_seed0 -o compare.png
+    python examples/acdc_plot.py runs/acdc_cps_cpu_seed0 runs/acdc_dacl_cpu_seed0 -o compare.png
 """
 
 from __future__ import annotations

@@ -607,7 +607,7 @@ def test(run: Run, resumed: Optional[Path], train_s: float, t_start: float) -> d
           f"best.pt, last.pt, tb/)")
     if cfg["preset"] == "smoke":
         print("smoke preset: a pipeline check, not a result (the networks learn little beyond background in so few "
-              "steps); use --preset quick (CPU) or --preset paper (GPU) for numbers")
+              "steps); use --preset cpu (CPU) or --preset paper (GPU) for numbers")
     return rec.to_dict()
 
 

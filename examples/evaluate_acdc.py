@@ -12,7 +12,7 @@ the record counts such cases (``empty_cases``).
 
 Standalone use on a checkpoint written by ``acdc_cps_dacl.py``::
 
-    python examples/evaluate_acdc.py runs/acdc_dacl_quick_seed0/best.pt --split test
+    python examples/evaluate_acdc.py runs/acdc_dacl_cpu_seed0/best.pt --split test
 """
 
 from __future__ import annotations

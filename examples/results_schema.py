@@ -6,7 +6,7 @@ downstream looks at raw keys or knows about older layouts. API::
     from results_schema import RunRecord, Identity, Best, ValPoint, TestResult, Timing, Environment
 
     rec = RunRecord(
-        identity=Identity(dataset="acdc", method="dacl", preset="quick", seed=0,
+        identity=Identity(dataset="acdc", method="dacl", preset="cpu", seed=0,
                           labeled=7, labeled_unit="patients", steps=1200),
         config=cfg,                                         # the resolved configuration, JSON-able
         val_history=[ValPoint(step=200, mean_dice=0.41, per_class={"RV": 0.3, "Myo": 0.4, "LV": 0.5})],
@@ -15,7 +15,7 @@ downstream looks at raw keys or knows about older layouts. API::
         diagnostics=[{"step": 10, "anchors/RV": 32.0}],     # DACL diagnostics, may be empty
         timing=Timing(wall_seconds=812.0, train_seconds=790.0, per_step=0.61),
         environment=Environment(device="cpu", torch="2.4.0", threads=2, world_size=1),
-        command="python examples/acdc_cps_dacl.py --preset quick --method dacl")
+        command="python examples/acdc_cps_dacl.py --preset cpu --method dacl")
     rec.save(run_dir / "metrics.json")
     rec = load(run_dir / "metrics.json")     # == RunRecord.load(path); also reads the two legacy layouts
 
