@@ -1,28 +1,15 @@
 """One run's ``metrics.json``: a typed record, written and read by one module.
 
 The training engine writes it, ``benchmarks/collect.py`` and the docs extension read it; nobody
-downstream looks at raw keys or knows about older layouts. API::
+downstream looks at raw keys or knows about older layouts. API (the fields: the dataclasses below)::
 
-    from results_schema import RunRecord, Identity, Best, ValPoint, TestResult, Timing, Environment
-
-    rec = RunRecord(
-        identity=Identity(dataset="acdc", method="dacl", preset="cpu", seed=0,
-                          labeled=7, labeled_unit="patients", steps=1200),
-        config=cfg,                                         # the resolved configuration, JSON-able
-        val_history=[ValPoint(step=200, mean_dice=0.41, per_class={"RV": 0.3, "Myo": 0.4, "LV": 0.5})],
-        best=Best(step=200, val_mean_dice=0.41),
-        test=TestResult.from_cases(["RV", "Myo", "LV"], per_case),   # per_case: case -> metric -> [per class]
-        diagnostics=[{"step": 10, "anchors/RV": 32.0}],     # DACL diagnostics, may be empty
-        timing=Timing(wall_seconds=812.0, train_seconds=790.0, per_step=0.61),
-        environment=Environment(device="cpu", torch="2.4.0", threads=2, world_size=1),
-        command="python examples/acdc_cps_dacl.py --preset cpu --method dacl")
+    rec = RunRecord(identity=Identity(...), best=Best(...), test=TestResult.from_cases(classes, per_case),
+                    timing=Timing(...), environment=Environment(...), config=cfg, val_history=[ValPoint(...)],
+                    diagnostics=[...], command="python examples/acdc_cps_dacl.py ...")
     rec.save(run_dir / "metrics.json")
-    rec = load(run_dir / "metrics.json")     # == RunRecord.load(path); also reads the two legacy layouts
-
-Several runs aggregated (``benchmarks/collect.py`` writes ``benchmarks/results/<dataset>_<preset>.json``)::
-
-    table = load_table(path)      # Table(dataset, preset, command, units, notes, rows=[TableRow], paired=[Paired])
-    row.metrics["dice"].mean, row.metrics["dice"].std, row.metrics["dice"].per_seed   # in table.units (Dice in %)
+    rec = load(run_dir / "metrics.json")     # also reads the two legacy layouts
+    table = load_table(path)                 # several runs: benchmarks/results/<dataset>_<preset>.json
+    table.rows[0].metrics["dice"].mean       # .std, .per_seed; in table.units (Dice in %)
 
 Conventions (fixed, so no reader needs to guess):
 
@@ -58,10 +45,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 SCHEMA_VERSION = 1
 METRICS = ("dice", "jaccard", "hd95", "asd")
 DEFAULT_UNITS = {"dice": "fraction", "jaccard": "fraction", "hd95": "voxels", "asd": "voxels"}
-
-__all__ = ["SCHEMA_VERSION", "METRICS", "DEFAULT_UNITS", "Identity", "ValPoint", "Best", "TestResult", "Timing",
-           "Environment", "RunRecord", "from_dict", "load", "save", "TABLE_UNITS", "Stat", "TableRow", "Paired",
-           "Table", "load_table"]
 
 
 @dataclass
@@ -159,14 +142,6 @@ class RunRecord(_Saved):
     extra: Dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None) -> "RunRecord":
-        return from_dict(d, config)
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "RunRecord":
-        return load(path)
-
 
 # ----------------------------------------------------------------------------- reading
 def _mean(xs: Sequence[Optional[float]]) -> Optional[float]:
@@ -186,8 +161,7 @@ def _clean(v: Any) -> Any:
 
 
 def _build(tp: type, d: Mapping[str, Any]):
-    names = {f.name for f in fields(tp)}
-    unknown = set(d) - names
+    unknown = set(d) - {f.name for f in fields(tp)}
     if unknown:
         raise ValueError(f"{tp.__name__}: unknown keys {sorted(unknown)}")
     return tp(**d)
@@ -223,10 +197,6 @@ def load(path: Union[str, Path]) -> RunRecord:
     return from_dict(d, config)
 
 
-def save(record: RunRecord, path: Union[str, Path]) -> Path:
-    return record.save(path)
-
-
 _LEGACY_2D_KEYS = {"method", "preset", "seed", "labeled_patients", "steps", "best_val_dice", "best_step",
                    "val_history", "dacl_diagnostics", "test", "train_seconds", "wall_seconds", "device", "torch",
                    "threads", "world_size", "dataset", "command", "config"}
@@ -245,11 +215,10 @@ def _from_legacy_2d(d: Mapping[str, Any], config: Optional[Mapping[str, Any]]) -
     units = dict(DEFAULT_UNITS)
     if "units" in t and t["units"] != "voxels (no spacing)":
         units.update(hd95=str(t["units"]), asd=str(t["units"]))
-    metrics = [m for m in METRICS]
-    per_case = {case: {m: list(v[m]) for m in metrics if m in v} for case, v in t.get("per_case", {}).items()}
+    per_case = {case: {m: list(v[m]) for m in METRICS if m in v} for case, v in t.get("per_case", {}).items()}
     test = TestResult(
-        classes=list(t["class_names"]), mean={m: t["mean"].get(m) for m in metrics},
-        per_class={m: dict(t["per_class"].get(m, {c: None for c in t["class_names"]})) for m in metrics},
+        classes=list(t["class_names"]), mean={m: t["mean"].get(m) for m in METRICS},
+        per_class={m: dict(t["per_class"].get(m, {c: None for c in t["class_names"]})) for m in METRICS},
         num_cases=int(t["num_volumes"]), per_case=per_case, units=units,
         empty_convention=t.get("empty_convention", ""), empty_cases=t.get("empty_cases"),
         evaluation=(f"model {t.get('model', 'a')} at input size {t.get('input_size')}, 3D metrics per volume, "
@@ -275,31 +244,23 @@ _LEGACY_3D_KEYS = {"dataset", "method", "preset", "labeled", "seed", "device", "
 
 def _from_legacy_3d(d: Mapping[str, Any]) -> RunRecord:
     t = d["test"]
-    organs = list(t["per_organ"])
     po = t["per_organ"]
-    # legacy per-case: case -> organ -> {dice, asd_vox, asd_mm}; an organ missing from the prediction has no ASD
-    per_case = {case: {"dice": [v.get(o, {}).get("dice") for o in organs],
-                       "asd": [v.get(o, {}).get("asd_vox") for o in organs],
-                       "asd_mm": [v.get(o, {}).get("asd_mm") for o in organs]}
+    organs = list(po)
+    # the legacy keys of each metric (None: not measured); per case: case -> organ -> {dice, asd_vox, asd_mm},
+    # an organ missing from the prediction has no ASD
+    keys = {"dice": "dice", "jaccard": None, "hd95": None, "asd": "asd_vox", "asd_mm": "asd_mm"}
+    per_case = {case: {m: [v.get(o, {}).get(k) for o in organs] for m, k in keys.items() if k}
                 for case, v in d.get("test_per_case", {}).items()}
-    per_class = {"dice": {o: po[o].get("dice") for o in organs}, "jaccard": {o: None for o in organs},
-                 "hd95": {o: None for o in organs}, "asd": {o: po[o].get("asd_vox") for o in organs},
-                 "asd_mm": {o: po[o].get("asd_mm") for o in organs}}
-    mean = {"dice": t.get("mean_dice"), "jaccard": None, "hd95": None, "asd": t.get("mean_asd_vox"),
-            "asd_mm": t.get("mean_asd_mm")}
     test = TestResult(
-        classes=organs, mean=mean, per_class=per_class,
+        classes=organs, mean={m: t.get(f"mean_{k}") if k else None for m, k in keys.items()},
+        per_class={m: {o: po[o].get(k) if k else None for o in organs} for m, k in keys.items()},
         num_cases=len(per_case) or len(d.get("split", {}).get("test", [])), per_case=per_case,
         units={**DEFAULT_UNITS, "asd_mm": "mm"},
         empty_convention="organ missing from the prediction: Dice 0, left out of ASD (legacy 3D convention); "
                          "no Jaccard or HD95 measured",
         empty_cases=sum(int(po[o].get("asd_missing", 0)) for o in organs), evaluation=d.get("evaluation", ""))
-    wall = d["wall_time_s"]
-    phases = {k: float(v) for k, v in wall.items() if k not in ("total", "per_iteration")} \
-        if isinstance(wall, dict) else {}
-    timing = Timing(wall_seconds=float(wall["total"] if isinstance(wall, dict) else wall),
-                    train_seconds=phases.get("train_and_val"),
-                    per_step=wall.get("per_iteration") if isinstance(wall, dict) else None, phases=phases)
+    wall = d["wall_time_s"] if isinstance(d["wall_time_s"], dict) else {"total": d["wall_time_s"]}
+    phases = {k: float(v) for k, v in wall.items() if k not in ("total", "per_iteration")}
     extra = {k: v for k, v in d.items() if k not in _LEGACY_3D_KEYS}
     extra["dice_std_over_cases"] = {o: po[o].get("dice_std") for o in organs}
     best = d.get("best_val") or {}
@@ -312,7 +273,8 @@ def _from_legacy_3d(d: Mapping[str, Any]) -> RunRecord:
         best=Best(step=best.get("iteration"), val_mean_dice=best.get("dice")), test=test,
         diagnostics=[{("step" if k == "iteration" else k): v for k, v in x.items()}
                      for x in d.get("dacl_diagnostics", [])],
-        timing=timing,
+        timing=Timing(wall_seconds=float(wall["total"]), train_seconds=phases.get("train_and_val"),
+                      per_step=wall.get("per_iteration"), phases=phases),
         environment=Environment(device=str(d.get("device", "")), torch=None, threads=d.get("torch_threads"),
                                 world_size=int(d.get("world_size", 1))),
         command=d.get("command"), extra=extra)
@@ -375,23 +337,13 @@ class Table(_Saved):
     kind: str = "table"
     schema_version: int = SCHEMA_VERSION
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Table":
-        if d.get("kind") != "table" or d.get("schema_version", SCHEMA_VERSION + 1) > SCHEMA_VERSION:
-            raise ValueError("not a results table of this schema (kind 'table', schema_version <= "
-                             f"{SCHEMA_VERSION})")
-        d = dict(d)
-
-        def row(r: Mapping[str, Any]) -> TableRow:
-            r = dict(r)
-            r["metrics"] = {m: _build(Stat, v) for m, v in r["metrics"].items()}
-            r["per_class"] = {m: {c: _build(Stat, v) for c, v in cs.items()} for m, cs in r.get("per_class", {}).items()}
-            return _build(TableRow, r)
-
-        d["rows"] = [row(r) for r in d["rows"]]
-        d["paired"] = [_build(Paired, p) for p in d.get("paired", [])]
-        return _build(cls, d)
-
 
 def load_table(path: Union[str, Path]) -> Table:
-    return Table.from_dict(json.loads(Path(path).read_text()))
+    d = json.loads(Path(path).read_text())
+    if d.get("kind") != "table" or d.get("schema_version", SCHEMA_VERSION + 1) > SCHEMA_VERSION:
+        raise ValueError(f"not a results table of this schema (kind 'table', schema_version <= {SCHEMA_VERSION})")
+    stats = lambda m: {k: _build(Stat, v) for k, v in m.items()}  # noqa: E731
+    rows = [_build(TableRow, {**r, "metrics": stats(r["metrics"]),
+                              "per_class": {m: stats(cs) for m, cs in r.get("per_class", {}).items()}})
+            for r in d["rows"]]
+    return _build(Table, {**d, "rows": rows, "paired": [_build(Paired, p) for p in d.get("paired", [])]})
