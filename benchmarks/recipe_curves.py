@@ -1,24 +1,40 @@
-"""Validation curves of recipe-search runs: validation Dice against training minutes, one per run.
+"""Validation curves of recipe-search and sweep runs: validation Dice against training minutes, one per run.
 
 Reads whatever exists in each run folder (``val_history.json`` of a finished ``--no-test`` run,
 else the history inside ``last.pt`` of a run still going or interrupted) and writes
 ``curves.json``, ``curves.md`` and ``curves.png`` into ``--out``. It reads the validation split
 only; the runs it is meant for stop before the test set (``--no-test``).
 
-Example::
+Examples::
 
     python benchmarks/recipe_curves.py runs/recipe/* --out benchmarks/results/recipe
+    python benchmarks/recipe_curves.py runs/sweep/* --out benchmarks/results/sweep --title "DACL sweep"
+
+DACL runs get a column with their objective's settings (max lambda_CL, reduction, pseudo-label
+policy, head weight, sampling budget, bank size).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 KEYS = ("method", "encoder", "size", "crop", "labeled_bs", "unlabeled_bs", "lr", "steps", "labeled", "seed",
-        "threads")
+        "threads", "lambda_cl", "reduction", "pseudo_policy", "pseudo_confidence", "head_weight",
+        "max_samples_per_class", "bank_size")
+
+
+def dacl_settings(c: dict) -> str:
+    """The objective's settings of a DACL run, in one cell ("-" for sup / cps)."""
+    if c.get("method") != "dacl":
+        return "-"
+    policy = c.get("pseudo_policy")
+    policy = f"{policy} {c.get('pseudo_confidence')}" if policy == "fixed" else policy
+    return (f"λ {c.get('lambda_cl')} ({c.get('reduction')}), {policy}, head weight {c.get('head_weight') or 'λ'}, "
+            f"{c.get('max_samples_per_class')}/class, bank {c.get('bank_size')}")
 
 
 def read_run(folder: Path) -> Optional[dict]:
@@ -46,24 +62,25 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (others are skipped)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--title", default="Recipe search", help="the table's and the figure's title")
     args = p.parse_args(argv)
     runs = [r for r in (read_run(f) for f in args.runs if f.is_dir()) if r]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curves.json").write_text(json.dumps(runs, indent=1))
-    lines = ["# Recipe search: validation Dice (mean of RV, Myo, LV; 3D, on the val volumes) by training time",
+    lines = [f"# {args.title}: validation Dice (mean of RV, Myo, LV; 3D, on the val volumes) by training time",
              "", "Validation split only; the test split was not read. Training minutes exclude validation, on",
              "one thread of a 2-core machine shared with other jobs (so absolute minutes are noisy).", "",
-             "| run | method | network | size / crop | batch | lr | steps done | best val Dice | at step | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | method | DACL settings | network | size / crop | batch | lr | steps done | best val Dice | at step "
+             "| minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         c, h = r["config"], r["history"]
         best = max(h, key=lambda x: x["val_dice"])
-        lines.append(f"| {r['name']} | {c['method']} | {c['encoder']} | {c['size']} / {c['crop'] or '-'} | "
+        lines.append(f"| {r['name']} | {c['method']} | {dacl_settings(c)} | {c['encoder']} | {c['size']} / {c['crop'] or '-'} | "
                      f"{c['labeled_bs']}+{c['unlabeled_bs'] if c['method'] != 'sup' else 0} | {c['lr']} | "
                      f"{h[-1]['step']} of {c['steps']}{'' if r['finished'] else ' (running or stopped)'} | "
                      f"{100 * best['val_dice']:.1f} % | {best['step']} | {h[-1]['train_minutes']:.0f} |")
-    lines += ["", "Curves: `curves.png`; every point in `curves.json`. Made by "
-              "`python benchmarks/recipe_curves.py runs/recipe/* --out benchmarks/results/recipe`."]
+    cmd = " ".join(["python benchmarks/recipe_curves.py", *map(str, argv if argv is not None else sys.argv[1:])])
+    lines += ["", f"Curves: `curves.png`; every point in `curves.json`. Made by `{cmd}`."]
     (args.out / "curves.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -77,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     ax.axhline(75, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("training minutes (one thread, validation excluded)")
     ax.set_ylabel("validation Dice (%)")
-    ax.set_title("ACDC, 7 labeled patients: recipe candidates")
+    ax.set_title(f"ACDC, 7 labeled patients: {args.title}")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "curves.png", dpi=110)

@@ -25,8 +25,17 @@ def test_curves_from_val_history(tmp_path):
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
-    runs = recipe_curves.main([str(run), str(empty), "--out", str(out)])
-    assert [r["name"] for r in runs] == ["A"] and runs[0]["history"][1]["train_minutes"] == 10.0
+    dacl = tmp_path / "runs" / "C"
+    dacl.mkdir()
+    (dacl / "config.json").write_text(json.dumps({**cfg, "method": "dacl", "lambda_cl": 0.3, "reduction": "mean",
+                                                  "pseudo_policy": "class_prior", "head_weight": None,
+                                                  "max_samples_per_class": 512, "bank_size": 1000}))
+    (dacl / "val_history.json").write_text(json.dumps({"history": hist[:1]}))
+    runs = recipe_curves.main([str(run), str(empty), str(dacl), "--out", str(out), "--title", "DACL sweep"])
+    assert [r["name"] for r in runs] == ["A", "C"] and runs[0]["history"][1]["train_minutes"] == 10.0
     md = (out / "curves.md").read_text()
-    assert "| A | sup | basicunet | 256 / 128 | 4+0 | 0.01 | 1000 of 1000 | 70.0 % | 1000 | 10 |" in md
+    assert md.startswith("# DACL sweep: validation Dice")
+    assert "| A | sup | - | basicunet | 256 / 128 | 4+0 | 0.01 | 1000 of 1000 | 70.0 % | 1000 | 10 |" in md
+    assert ("| C | dacl | λ 0.3 (mean), class_prior, head weight λ, 512/class, bank 1000 | basicunet | 256 / 128 | "
+            "4+4 | 0.01 | 500 of 1000 | 40.0 % | 500 | 5 |") in md
     assert (out / "curves.png").stat().st_size > 0

@@ -1,0 +1,149 @@
+"""What DACL adds to a real training step: the ACDC example's ``cpu`` preset, measured side by side.
+
+For each variant the script builds the example's own run (data, the two U-Nets, the library's
+:class:`torch_dacl.DACLObjective`, SGD) through ``examples/engine.py`` and times whole
+training steps (``Run.train_step``: forward, Eq. 1, backward, optimiser step). The variants run
+in interleaved rounds, so that a noisy shared machine slows them alike, and the table reports
+ratios measured in the same run:
+
+- ``step / cps``: a variant's median step time over the CPS step's (the target of issue #13:
+  DACL adds at most 20 %, i.e. a ratio of at most 1.20);
+- ``objective``: the median time of the objective alone (CPS term, pseudo labels, both DACL
+  losses and their banks, forward and backward) on the step's own logits and embeddings,
+  detached, and its share of the whole step.
+
+Variants: the preset as is (``cps``, ``dacl``); DACL with a smaller sampling budget
+(``--max-samples-per-class``) and bank; both in bfloat16 autocast (``--amp bf16``; this CPU
+has AVX512-BF16 where ``lscpu`` lists ``avx512_bf16``).
+
+Usage::
+
+    python benchmarks/step_cost.py                 # the cpu preset, 1 thread (~10 minutes)
+    python benchmarks/step_cost.py --quick         # the smoke preset, 2 steps (a pipeline check)
+
+Writes ``benchmarks/results/step_cost.json`` (``--quick``: ``step_cost_quick.json``) and prints a
+Markdown table. Nothing here is asserted; compare the ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import torch  # noqa: E402
+
+import acdc_cps_dacl  # noqa: E402
+import engine  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# name: the example's flags on top of the preset
+VARIANTS = {
+    "cps": ["--method", "cps"],
+    "dacl": ["--method", "dacl"],
+    "dacl, 512 samples/class": ["--method", "dacl", "--max-samples-per-class", "512"],
+    "dacl, 512 samples/class, bank 500": ["--method", "dacl", "--max-samples-per-class", "512", "--bank-size", "500"],
+    "cps, bf16": ["--method", "cps", "--amp", "bf16"],
+    "dacl, bf16": ["--method", "dacl", "--amp", "bf16"],
+}
+
+
+class Timed:
+    """One variant: the example's run, its batch stream, and the times measured so far."""
+
+    def __init__(self, name: str, argv: list, workdir: Path) -> None:
+        cfg = acdc_cps_dacl.make_config(argv)
+        run_dir = workdir / name.replace(" ", "_").replace(",", "").replace("/", "-")
+        run_dir.mkdir(parents=True)
+        self.name, self.run = name, engine.Run(acdc_cps_dacl.TASK, cfg, run_dir)
+        self.run.wrapper.train()
+        self.batches = iter(self.run.data.batches(0, self.run.lbs, self.run.ubs))
+        self.step_s: list = []
+        self.objective_s: list = []
+
+    def step(self, record: bool) -> None:
+        x, y = next(self.batches)
+        t0 = time.perf_counter()
+        self.run.train_step(x, y)
+        if record:
+            self.step_s.append(time.perf_counter() - t0)
+            self.objective_s.append(self.objective_alone(x, y))
+
+    def objective_alone(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The objective on this batch's logits / embeddings (detached leaves), forward + backward."""
+        run = self.run
+        if run.cfg["method"] == "sup":
+            return 0.0
+        with torch.no_grad(), torch.autocast("cpu", dtype=run.amp or torch.float32, enabled=run.amp is not None):
+            out = run.net(x)
+        leaves = [t.detach().float().requires_grad_(True) if t is not None else None
+                  for t in (out.logits_a, out.logits_b, getattr(out, "embeddings_a", None),
+                            getattr(out, "embeddings_b", None))]
+        labeled = torch.arange(x.shape[0]) < run.lbs
+        t0 = time.perf_counter()
+        res = run.objective(*leaves, y, labeled)
+        res.loss.backward()
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="cpu", help="the ACDC example's preset")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the preset's runs use 1)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--quick", action="store_true", help="smoke preset, 2 steps, 1 round, cps and dacl")
+    p.add_argument("--output", type=Path, default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.preset, args.steps, args.rounds, args.warmup, args.variants = "smoke", 2, 1, 1, ["cps", "dacl"]
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        common = ["--preset", args.preset, "--labeled", "7", "--seed", "0", "--threads", str(args.threads),
+                  "--no-progress", "--no-test"]
+        runs = [Timed(name, common + VARIANTS[name], Path(tmp)) for name in args.variants]
+        for r in runs:
+            for _ in range(args.warmup):
+                r.step(record=False)
+        for _ in range(args.rounds):
+            for r in runs:
+                for _ in range(args.steps):
+                    r.step(record=True)
+    med = {r.name: (statistics.median(r.step_s), statistics.median(r.objective_s)) for r in runs}
+    unit = med.get("cps", next(iter(med.values())))[0]
+    rows = [{"variant": name, "argv": VARIANTS[name], "step_s": s, "step_ratio_to_cps": s / unit,
+             "objective_s": o, "objective_share_of_step": o / s, "timed_steps": len(r.step_s)}
+            for (name, (s, o)), r in zip(med.items(), runs)]
+    lines = ["| variant | step (s) | step / cps | objective alone (s) | objective / step |", "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['step_s']:.3f} | {r['step_ratio_to_cps']:.2f} | {r['objective_s']:.3f} | "
+              f"{100 * r['objective_share_of_step']:.0f} % |" for r in rows]
+    print("\n".join(lines))
+    cmd = "python benchmarks/step_cost.py" + (" --quick" if args.quick else "")
+    out = args.output or RESULTS / ("step_cost_quick.json" if args.quick else "step_cost.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "what": f"whole training steps of the ACDC example's {args.preset!r} preset (7 labeled patients, seed 0), "
+                f"medians of {args.rounds} interleaved rounds x {args.steps} steps per variant; 'objective' is "
+                "DACLObjective alone (forward + backward) on the step's detached logits and embeddings",
+        "command": cmd, "threads": args.threads, "torch": torch.__version__, "machine": platform.processor()
+        or platform.machine(), "cpu_count": os.cpu_count(), "seconds": round(time.time() - t_start, 1),
+        "rows": rows, "table": "\n".join(lines)}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
