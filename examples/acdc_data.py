@@ -28,20 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-__all__ = [
-    "ACDCDataError",
-    "LAYOUT_HELP",
-    "LABELED_SLICES",
-    "resolve_data_root",
-    "find_acdc_dir",
-    "read_list",
-    "read_case",
-    "ACDCSlices",
-    "ACDCVolumes",
-    "TwoStreamBatchSampler",
-    "resize_image",
-]
-
 NUM_CLASSES = 4
 CLASS_NAMES = ("RV", "Myo", "LV")  # classes 1..3
 LABELED_SLICES = {3: 68, 7: 136}  # patients -> first N lines of train_slices.list
@@ -135,9 +121,11 @@ def read_case(path: Path, ndim: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def resize_image(image: np.ndarray, label: Optional[np.ndarray], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Resize a 2D slice to ``size x size``: image bilinear, label nearest."""
-    img = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0]
+    """Resize a 2D slice, ``image (H, W)`` or ``(C, H, W)``, to ``(C, size, size)`` (bilinear; C = 1 for
+    ``(H, W)``) and ``label (H, W)`` to ``(size, size)`` (nearest)."""
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    img = F.interpolate(img[None] if img.dim() == 3 else img[None, None], size=(size, size), mode="bilinear",
+                        align_corners=False)[0]
     lab = None
     if label is not None:
         lab = torch.from_numpy(np.ascontiguousarray(label))[None, None].float()
@@ -146,18 +134,20 @@ def resize_image(image: np.ndarray, label: Optional[np.ndarray], size: int) -> T
 
 
 def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """SSL4MIS ``RandomGenerator``: with p=0.5 a random rot90 + flip, else (p=0.5) a random
-    rotation in [-20, 20] degrees (image linear, label nearest, zero padding)."""
+    """SSL4MIS ``RandomGenerator`` on ``image (H, W)`` or ``(C, H, W)`` and ``label (H, W)``: with
+    p=0.5 a random rot90 + flip, else (p=0.5) a random rotation in [-20, 20] degrees (image
+    linear, label nearest, zero padding)."""
+    axes = (image.ndim - 2, image.ndim - 1)  # the image's two spatial axes
     if rng.random() > 0.5:
         k = int(rng.integers(0, 4))
         axis = int(rng.integers(0, 2))
-        image = np.flip(np.rot90(image, k), axis=axis)
+        image = np.flip(np.rot90(image, k, axes=axes), axis=axes[axis])
         label = np.flip(np.rot90(label, k), axis=axis)
     elif rng.random() > 0.5:
         from scipy import ndimage
 
         angle = float(rng.uniform(-20, 20))
-        image = ndimage.rotate(image, angle, order=1, reshape=False)
+        image = ndimage.rotate(image, angle, axes=axes[::-1], order=1, reshape=False)
         label = ndimage.rotate(label, angle, order=0, reshape=False)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 

@@ -89,11 +89,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from acdc_data import ACDCSlices, evenly_spaced  # noqa: E402  (the 2D example's slices and picks)
+
 __all__ = [
     "NnUNetDataError", "DatasetInfo", "Case", "EMPTY_CONVENTION", "read_dataset_json", "list_cases",
     "read_image", "read_header", "check_dataset", "load_case", "intensity_fingerprint", "normalize",
     "resample", "target_spacing", "plan_patch", "parse_labeled", "make_split", "resolve_split",
-    "Prepared", "prepare", "open_2d", "is_nnunet_dir", "Slices2D", "Volumes2D", "augment_2d",
+    "Prepared", "prepare", "open_2d", "is_nnunet_dir", "Slices2D", "Volumes2D",
 ]
 
 EMPTY_CONVENTION = ("a class absent from both ground truth and prediction: Dice 1 (distances 0); "
@@ -720,9 +723,7 @@ class Prepared:
             shape = [max(1, int(round(n * s / t))) for n, s, t in zip(c.image.shape[1:], c.spacing, tsp)]
             img, lab = resample(c.image, c.label, shape)
             img = img[0] if img.shape[0] == 1 else img
-            out.append(sd.Volume(cid, np.ascontiguousarray(img, dtype=np.float32), lab, tuple(float(t) for t in tsp),
-                                 {"native_shape": tuple(c.image.shape[1:]), "native_spacing": c.spacing,
-                                  "axcodes": _axcodes(c.files["images"][0]), "files": c.files}))
+            out.append(sd.Volume(cid, np.ascontiguousarray(img, dtype=np.float32), lab, tuple(float(t) for t in tsp)))
         return out
 
     # -- 2D example
@@ -752,9 +753,7 @@ class Prepared:
 
     def volumes(self, split: str, limit: Optional[int] = None) -> "Volumes2D":
         cases = list(self.split[split])
-        if limit:
-            cases = _evenly_spaced(cases, limit)
-        return Volumes2D(self, cases)
+        return Volumes2D(self, evenly_spaced(cases, limit) if limit else cases)
 
     def save(self, run_dir: os.PathLike) -> Path:
         """Write the resolved split to ``<run_dir>/split.json``."""
@@ -769,24 +768,6 @@ class Prepared:
 
 def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
-
-
-def _axcodes(path) -> Tuple[str, str, str]:
-    try:
-        if str(path).lower().endswith(NIFTI_ENDINGS):
-            import nibabel as nib
-
-            return tuple(nib.aff2axcodes(nib.load(str(path)).affine))
-    except Exception:  # display only
-        pass
-    return ("", "", "")
-
-
-def _evenly_spaced(items: Sequence, n: int) -> list:
-    if n >= len(items):
-        return list(items)
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in idx]
 
 
 def _median(values: Sequence[Sequence[float]]) -> List[float]:
@@ -879,55 +860,19 @@ def open_2d(cfg: dict, run_dir: os.PathLike) -> Prepared:
 
 
 # ----------------------------------------------------------------------------- 2D datasets
-def augment_2d(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """SSL4MIS ``RandomGenerator`` on ``image (C, H, W)`` / ``label (H, W)``: with p=0.5 a random
-    rot90 + flip, else (p=0.5) a random rotation in [-20, 20] degrees (as ``acdc_data.augment``)."""
-    if rng.random() > 0.5:
-        k = int(rng.integers(0, 4))
-        axis = int(rng.integers(0, 2))
-        image = np.flip(np.rot90(image, k, axes=(1, 2)), axis=axis + 1)
-        label = np.flip(np.rot90(label, k), axis=axis)
-    elif rng.random() > 0.5:
-        from scipy import ndimage
-
-        angle = float(rng.uniform(-20, 20))
-        image = ndimage.rotate(image, angle, axes=(2, 1), order=1, reshape=False)
-        label = ndimage.rotate(label, angle, order=0, reshape=False)
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
-
-
-class Slices2D(torch.utils.data.Dataset):
-    """In-memory training slices; items ``(index, aug_seed)`` like ``acdc_data.ACDCSlices``.
-
-    Returns a dict ``image (C, S, S)`` float32, ``label (S, S)`` int64 (zeros for unlabeled
-    slices), ``index``.
-    """
+class Slices2D(ACDCSlices):
+    """In-memory training slices ``(name, image (C, H, W), label (H, W) or None)``, served as
+    ``acdc_data.ACDCSlices`` serves ACDC's (same augmentation and resizing; items
+    ``(index, aug_seed)``; ``image (C, S, S)``, ``label (S, S)``, zeros for unlabeled slices)."""
 
     def __init__(self, slices: Sequence[Tuple[str, np.ndarray, Optional[np.ndarray]]], size: int,
                  augment: bool = True, n_labeled: int = 0) -> None:
-        self.names = [s[0] for s in slices]
-        self.images = [s[1] for s in slices]
-        self.labels = [s[2] for s in slices]
-        self.size = int(size)
-        self.augment = augment
-        self.n_labeled = int(n_labeled)
+        self.slices, self.cases, self.n_labeled = list(slices), [s[0] for s in slices], int(n_labeled)
+        self.size, self.augment, self.crop = int(size), augment, None
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, item) -> Dict[str, torch.Tensor]:
-        index, aug_seed = item if isinstance(item, tuple) else (item, None)
-        image = self.images[int(index)]
-        label = self.labels[int(index)]
-        if label is None:
-            label = np.zeros(image.shape[1:], np.uint8)
-        if self.augment and aug_seed is not None:
-            image, label = augment_2d(image, label, np.random.default_rng(int(aug_seed)))
-        img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-                            size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
-        lab = F.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=(self.size, self.size),
-                            mode="nearest")[0, 0].long()
-        return {"image": img, "label": lab, "index": torch.tensor(int(index))}
+    def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        _, image, label = self.slices[index]
+        return image, np.zeros(image.shape[1:], np.uint8) if label is None else label
 
 
 class Volumes2D(torch.utils.data.Dataset):

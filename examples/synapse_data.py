@@ -1,35 +1,25 @@
 """Volume readers, preprocessing, patch sampling and sliding-window inference for the 3D
 (Synapse-protocol) example of torch-dacl.
 
-Three on-disk layouts are read into one in-memory form, a :class:`Volume` with arrays in
-``(Z, Y, X)`` order (slices first, as the network sees them) and a float32 image in
-``[0, 1]``:
-
-* ``btcv``: the raw BTCV / Synapse layout, ``img/imgXXXX.nii.gz`` and
-  ``label/labelXXXX.nii.gz`` (``RawData/Training`` of the challenge download). The DHC
-  preprocessing is applied: HU clip to ``[-75, 275]``, min-max to ``[0, 1]`` and a resize
-  of the whole volume to a fixed shape (DHC: ``patch + patch // 4`` = 80x160x160 for the
-  64x128x128 patch), trilinear for the image and nearest for the labels.
-* ``dhc_npy``: DHC's preprocessed layout, ``npy/XXXX_image.npy`` / ``npy/XXXX_label.npy``
-  (already resized, ``(Z, Y, X)``); HU clip and min-max are applied at load time as DHC's
-  loader does.
-* ``generic`` (used for CHAOS-T2): one folder with ``image_<id>.nii.gz`` /
-  ``label_<id>.nii.gz`` (patterns configurable). MR has no absolute scale, so intensities
-  are normalised per volume by percentiles (clip to the 0.5 / 99.5 percentiles, then
-  min-max to ``[0, 1]``); an optional in-plane zoom shrinks the volume for CPU runs.
-
-Any other dataset (and these three, converted by ``convert_to_nnunet.py``) is read in
-nnU-Net's raw format by ``nnunet_data``, which builds the same :class:`Volume` objects.
+Three on-disk layouts (the ``--dataset`` choices of ``synapse_cps_dacl.py``) are read into one
+in-memory form, a :class:`Volume` with ``(Z, Y, X)`` arrays (slices first, as the network sees
+them) and a float32 image in ``[0, 1]``: the raw BTCV / Synapse layout with DHC's preprocessing
+(:func:`read_btcv_case`), DHC's preprocessed ``npy`` files (:func:`read_dhc_npy_case`) and a
+folder of ``image_<id>.nii.gz`` / ``label_<id>.nii.gz`` such as CHAOS-T2
+(:func:`read_generic_case`, percentile normalisation for MR). Any other dataset (and these
+three, converted by ``convert_to_nnunet.py``) is read in nnU-Net's raw format by
+``nnunet_data``, which builds the same :class:`Volume` objects.
 
 Nothing here depends on torch_dacl: the library is used by ``synapse_cps_dacl.py``.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,40 +27,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "Volume", "SPLITS_DIR", "CHAOS_CLASSES", "SYNAPSE_CLASSES",
-    "load_nifti_zyx", "nifti_axcodes", "clip_normalize_ct", "percentile_normalize", "resize_volume", "zoom_volume",
-    "read_btcv_case", "list_btcv_cases", "read_dhc_npy_case", "read_dhc_split", "list_dhc_npy_cases",
-    "read_generic_case", "list_generic_cases", "load_split", "PatchSampler",
-    "gaussian_importance_map", "sliding_window_inference", "plan_unet",
-]
-
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 CHAOS_CLASSES = ("background", "liver", "right_kidney", "left_kidney", "spleen")
-SYNAPSE_CLASSES = ("background", "spleen", "right_kidney", "left_kidney", "gallbladder", "esophagus", "liver",
-                   "stomach", "aorta", "inferior_vena_cava", "portal_splenic_vein", "pancreas",
-                   "right_adrenal_gland", "left_adrenal_gland")
 
 
 @dataclass
 class Volume:
-    """One case in memory.
+    """One case in memory: ``image`` float32 ``(Z, Y, X)`` (in ``[0, 1]`` from the readers here,
+    normalised per channel by ``nnunet_data``) or ``(C, Z, Y, X)`` with several input channels;
+    ``label`` uint8 ``(Z, Y, X)`` (0 = background) or None (unlabeled); ``spacing`` ``(z, y, x)``
+    in mm of the arrays as stored (after any resize), None when unknown (DHC's npy files)."""
 
-    Attributes:
-        case_id: the id used in split files.
-        image: float32 ``(Z, Y, X)`` (in ``[0, 1]`` for the btcv / dhc_npy / generic readers;
-            z-scored for nnU-Net datasets, see ``nnunet_data``), or ``(C, Z, Y, X)`` for a
-            case with several input channels.
-        label: uint8 ``(Z, Y, X)`` (0 = background), or None for an unlabeled case.
-        spacing: voxel size ``(z, y, x)`` in mm of the arrays as stored here (after any
-            resize), or None when unknown (DHC npy files carry no spacing).
-    """
-
-    case_id: str
+    case_id: str  # the id of the split files
     image: np.ndarray
     label: Optional[np.ndarray]
     spacing: Optional[Tuple[float, float, float]] = None
-    meta: Dict[str, object] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- basic ops
@@ -88,13 +59,6 @@ def load_nifti_zyx(path: os.PathLike) -> Tuple[np.ndarray, Tuple[float, float, f
         raise ValueError(f"{path}: expected a 3D volume, got shape {arr.shape}")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return np.ascontiguousarray(arr.transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
-
-
-def nifti_axcodes(path: os.PathLike) -> Tuple[str, str, str]:
-    """Orientation codes of the (X, Y, Z) array axes, e.g. ``('L', 'A', 'S')`` (display only)."""
-    import nibabel as nib
-
-    return tuple(nib.aff2axcodes(nib.load(str(path)).affine))
 
 
 def clip_normalize_ct(image: np.ndarray, lo: float = -75.0, hi: float = 275.0) -> np.ndarray:
@@ -128,24 +92,16 @@ def resize_volume(image: np.ndarray, label: Optional[np.ndarray], shape: Sequenc
 
 
 def zoom_volume(image: np.ndarray, label: Optional[np.ndarray], zoom: Sequence[float]
-                ) -> Tuple[np.ndarray, Optional[np.ndarray], Tuple[float, float, float]]:
-    """Resize by per-axis factors ``zoom (z, y, x)``; returns the arrays and the factors applied."""
-    shape = tuple(max(1, int(round(s * f))) for s, f in zip(image.shape, zoom))
-    img, lab = resize_volume(image, label, shape)
-    return img, lab, tuple(n / o for n, o in zip(shape, image.shape))
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Resize by per-axis factors ``zoom (z, y, x)`` (to the nearest whole shape)."""
+    return resize_volume(image, label, [max(1, int(round(s * f))) for s, f in zip(image.shape, zoom)])
 
 
 def _scaled_spacing(spacing, old_shape, new_shape):
-    if spacing is None:
-        return None
     return tuple(float(s) * o / n for s, o, n in zip(spacing, old_shape, new_shape))
 
 
 # ----------------------------------------------------------------------------- BTCV raw layout
-def _btcv_paths(root: Path, case_id: str) -> Tuple[Path, Path]:
-    return root / "img" / f"img{case_id}.nii.gz", root / "label" / f"label{case_id}.nii.gz"
-
-
 def list_btcv_cases(root: os.PathLike) -> List[str]:
     """Ids ``XXXX`` of ``root/img/imgXXXX.nii.gz`` (sorted)."""
     return sorted(p.name[3:-len(".nii.gz")] for p in (Path(root) / "img").glob("img*.nii.gz"))
@@ -162,8 +118,8 @@ def read_btcv_case(root: os.PathLike, case_id: str, resize_shape: Optional[Seque
             None keeps the native grid.
         hu_range: the HU window (DHC: -75..275).
     """
-    ip, lp = _btcv_paths(Path(root), case_id)
-    image, spacing = load_nifti_zyx(ip)
+    image, spacing = load_nifti_zyx(Path(root) / "img" / f"img{case_id}.nii.gz")
+    lp = Path(root) / "label" / f"label{case_id}.nii.gz"
     label = load_nifti_zyx(lp)[0].astype(np.uint8) if lp.exists() else None
     if label is not None and label.shape != image.shape:
         raise ValueError(f"case {case_id}: label shape {label.shape} != image shape {image.shape}")
@@ -171,8 +127,7 @@ def read_btcv_case(root: os.PathLike, case_id: str, resize_shape: Optional[Seque
     image = clip_normalize_ct(image, *hu_range)
     if resize_shape is not None:
         image, label = resize_volume(image, label, resize_shape)
-    return Volume(case_id, image, label, _scaled_spacing(spacing, native, image.shape),
-                  {"native_shape": tuple(native), "native_spacing": spacing, "axcodes": nifti_axcodes(ip)})
+    return Volume(case_id, image, label, _scaled_spacing(spacing, native, image.shape))
 
 
 # ----------------------------------------------------------------------------- DHC npy layout
@@ -202,8 +157,8 @@ def read_dhc_npy_case(root: os.PathLike, case_id: str, hu_range: Optional[Tuple[
         raise ValueError(f"case {case_id}: expected a (Z, Y, X) array, got shape {image.shape}")
     image = clip_normalize_ct(image, *hu_range) if hu_range is not None else image.astype(np.float32)
     if zoom is not None:
-        image, label, _ = zoom_volume(image, label, zoom)
-    return Volume(case_id, image, label, None, {})
+        image, label = zoom_volume(image, label, zoom)
+    return Volume(case_id, image, label)
 
 
 # ----------------------------------------------------------------------------- generic NIfTI folder
@@ -230,20 +185,14 @@ def read_generic_case(root: os.PathLike, case_id: str, image_pattern: str = "ima
         label = np.rint(load_nifti_zyx(lp)[0]).astype(np.uint8)
         if label.shape != image.shape:
             raise ValueError(f"case {case_id}: label shape {label.shape} != image shape {image.shape}")
-    native = image.shape
-    if normalization == "percentile":
-        image = percentile_normalize(image)
-    elif normalization == "ct":
-        image = clip_normalize_ct(image)
-    elif normalization == "minmax":
-        image = percentile_normalize(image, 0.0, 100.0)
-    else:
+    norms = {"percentile": percentile_normalize, "ct": clip_normalize_ct,
+             "minmax": lambda x: percentile_normalize(x, 0.0, 100.0)}
+    if normalization not in norms:
         raise ValueError(f"normalization: expected 'percentile', 'ct' or 'minmax', got {normalization!r}")
+    native, image = image.shape, norms[normalization](image)
     if zoom is not None:
-        image, label, _ = zoom_volume(image, label, zoom)
-    return Volume(case_id, image, label, _scaled_spacing(spacing, native, image.shape),
-                  {"native_shape": tuple(native), "native_spacing": spacing,
-                   "axcodes": nifti_axcodes(root / image_pattern.format(id=case_id))})
+        image, label = zoom_volume(image, label, zoom)
+    return Volume(case_id, image, label, _scaled_spacing(spacing, native, image.shape))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -266,8 +215,7 @@ class PatchSampler:
 
     Images are ``(Z, Y, X)`` or ``(C, Z, Y, X)`` (several input channels; every volume of a
     sampler has the same number). Volumes smaller than the patch are zero-padded (labels
-    padded with 0). With
-    probability ``foreground_prob`` (nnU-Net: 1/3) a labeled patch is centred on a random
+    padded with 0). With probability ``foreground_prob`` (nnU-Net: 1/3) a labeled patch is centred on a random
     foreground voxel of a random present class; otherwise the corner is uniform.
     Augmentation (training only): random flips along ``flip_axes`` (by default Z and Y only:
     an X (left-right) flip would swap the meaning of the left/right kidney labels), a random
@@ -287,19 +235,13 @@ class PatchSampler:
         self.flip_axes = tuple(flip_axes)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
-        # foreground coordinates per volume and class, for oversampling
-        self._fg: List[Dict[int, np.ndarray]] = []
+        self._fg: List[Dict[int, np.ndarray]] = []  # foreground coordinates per volume and class, for oversampling
         for v in self.volumes:
-            d: Dict[int, np.ndarray] = {}
-            if v.label is not None:
-                for c in np.unique(v.label):
-                    if c == 0:
-                        continue
-                    coords = np.argwhere(v.label == c)
-                    if len(coords) > 5000:  # a subsample is enough to pick centres from
-                        coords = coords[np.random.default_rng(0).choice(len(coords), 5000, replace=False)]
-                    d[int(c)] = coords
-            self._fg.append(d)
+            classes = [c for c in np.unique(v.label) if c != 0] if v.label is not None else []
+            coords = {int(c): np.argwhere(v.label == c) for c in classes}
+            # a subsample of a large class is enough to pick centres from
+            self._fg.append({c: x[np.random.default_rng(0).choice(len(x), 5000, replace=False)] if len(x) > 5000 else x
+                             for c, x in coords.items()})
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
@@ -347,12 +289,9 @@ class PatchSampler:
 
     def sample(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, *patch)`` float32 images (C = 1 for ``(Z, Y, X)`` volumes) and ``(B, *patch)`` int64 labels."""
-        pairs = [self.sample_one() for _ in range(batch_size)]
-        x = torch.from_numpy(np.stack([p[0] for p in pairs]))
-        if x.dim() == 4:
-            x = x[:, None]
-        y = torch.from_numpy(np.stack([p[1] for p in pairs]))
-        return x, y
+        images, labels = zip(*(self.sample_one() for _ in range(batch_size)))
+        x = torch.from_numpy(np.stack(images))
+        return (x[:, None] if x.dim() == 4 else x), torch.from_numpy(np.stack(labels))
 
 
 # ----------------------------------------------------------------------------- sliding window
@@ -361,19 +300,12 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 
     """nnU-Net's Gaussian patch weighting: a Gaussian centred on the patch with
     ``sigma = sigma_scale * patch_size`` per axis, scaled to a maximum of 1, with no zero
     (zeros replaced by the smallest positive value) so every voxel gets some weight."""
-    axes = []
-    for p in patch_size:
-        c = (p - 1) / 2.0
-        sigma = max(p * sigma_scale, 1e-6)
+    g = torch.ones((), dtype=torch.float64)
+    for p in patch_size:  # the outer product of one Gaussian per axis
         r = torch.arange(p, dtype=torch.float64)
-        axes.append(torch.exp(-0.5 * ((r - c) / sigma) ** 2))
-    g = axes[0]
-    for a in axes[1:]:
-        g = g[..., None] * a
+        g = g[..., None] * torch.exp(-0.5 * ((r - (p - 1) / 2.0) / max(p * sigma_scale, 1e-6)) ** 2)
     g = g / g.max()
-    pos = g[g > 0]
-    g = torch.where(g > 0, g, pos.min())
-    return g.to(dtype=dtype, device=device)
+    return torch.where(g > 0, g, g[g > 0].min()).to(dtype=dtype, device=device)
 
 
 def _starts(n: int, p: int, step: float) -> List[int]:
@@ -410,38 +342,24 @@ def sliding_window_inference(predict: Callable[[torch.Tensor], torch.Tensor], im
         image = image[None]
     if image.dim() != 4:
         raise ValueError(f"image: expected (Z, Y, X) or (C, Z, Y, X), got shape {tuple(image.shape)}")
-    patch = tuple(int(p) for p in patch_size)
-    shape = tuple(image.shape[1:])
+    patch, shape = tuple(int(p) for p in patch_size), tuple(image.shape[1:])
     pad = [max(p - n, 0) for p, n in zip(patch, shape)]
-    if any(pad):
-        before = [q // 2 for q in pad]
-        padspec = []
-        for q, b in zip(reversed(pad), reversed(before)):
-            padspec += [b, q - b]
-        image = F.pad(image, padspec)
-    else:
-        before = [0, 0, 0]
-    full = tuple(image.shape[1:])
-    dev = image.device
+    before = [q // 2 for q in pad]
+    image = F.pad(image, [x for q, b in zip(pad[::-1], before[::-1]) for x in (b, q - b)])  # F.pad: last axis first
+    full, dev = tuple(image.shape[1:]), image.device
     w = gaussian_importance_map(patch, sigma_scale, device=dev) if gaussian else torch.ones(patch, device=dev)
     acc = torch.zeros((num_classes,) + full, dtype=torch.float32, device=dev)
     norm = torch.zeros(full, dtype=torch.float32, device=dev)
-    step = 1.0 - overlap
-    corners = [(z, y, x) for z in _starts(full[0], patch[0], step) for y in _starts(full[1], patch[1], step)
-               for x in _starts(full[2], patch[2], step)]
+    corners = list(itertools.product(*(_starts(n, p, 1.0 - overlap) for n, p in zip(full, patch))))
     for i in range(0, len(corners), batch_size):
-        chunk = corners[i:i + batch_size]
-        tiles = torch.stack([image[:, z:z + patch[0], y:y + patch[1], x:x + patch[2]] for z, y, x in chunk])
-        probs = torch.softmax(predict(tiles).float(), dim=1)
+        tiles = [tuple(slice(c, c + p) for c, p in zip(corner, patch)) for corner in corners[i:i + batch_size]]
+        probs = torch.softmax(predict(torch.stack([image[(slice(None), *t)] for t in tiles])).float(), dim=1)
         if probs.shape[1] != num_classes:
             raise ValueError(f"predict: expected {num_classes} channels, got shape {tuple(probs.shape)}")
-        for (z, y, x), p in zip(chunk, probs):
-            sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
-            acc[(slice(None),) + sl] += p * w
-            norm[sl] += w
-    out = acc / norm
-    crop = tuple(slice(b, b + n) for b, n in zip(before, shape))
-    return out[(slice(None),) + crop]
+        for t, p in zip(tiles, probs):
+            acc[(slice(None), *t)] += p * w
+            norm[t] += w
+    return (acc / norm)[(slice(None), *(slice(b, b + n) for b, n in zip(before, shape)))]
 
 
 # ----------------------------------------------------------------------------- nnU-Net-like planning
