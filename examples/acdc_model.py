@@ -10,8 +10,6 @@ from torch import nn
 
 from torch_dacl import CoTrainingWrapper
 
-__all__ = ["build_unet", "build_wrapper", "predict_logits"]
-
 
 def build_unet(encoder: str, decoder_channels: Sequence[int], num_classes: int = 4, in_channels: int = 1) -> nn.Module:
     """An smp U-Net with random weights (``encoder_weights=None``: nothing is downloaded).
@@ -52,16 +50,13 @@ def build_wrapper(cfg: dict) -> CoTrainingWrapper:
 def predict_logits(wrapper: CoTrainingWrapper, x: torch.Tensor, which: str = "a") -> torch.Tensor:
     """Logits of model ``a``, ``b``, or the mean of both softmaxes (``"ensemble"``, returned as
     log-probabilities) for ``x (N, 1, H, W)``."""
-    if which == "a":
-        out = wrapper.model_a(x)
-    elif which == "b":
-        out = wrapper.model_b(x)
-    elif which == "ensemble":
-        pa = wrapper.model_a(x).float().softmax(1)
-        pb = wrapper.model_b(x).float().softmax(1)
-        out = ((pa + pb) / 2).clamp_min(1e-8).log()
-    else:
+    if which not in ("a", "b", "ensemble"):
         raise ValueError(f"which: expected 'a', 'b' or 'ensemble', got {which!r}")
+    if which == "ensemble":
+        probs = (wrapper.model_a(x).float().softmax(1) + wrapper.model_b(x).float().softmax(1)) / 2
+        out = probs.clamp_min(1e-8).log()
+    else:
+        out = getattr(wrapper, f"model_{which}")(x)
     # calling a sub-model directly fires the wrapper's feature hook; drop what it stored
     getattr(wrapper, "_features", {}).clear()
     return out.float()

@@ -16,8 +16,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["select_slices", "save_slices", "load_slices", "render"]
-
 # background transparent; RV, Myo, LV
 COLORS = np.array([[0, 0, 0, 0], [0.90, 0.20, 0.20, 0.5], [0.20, 0.80, 0.20, 0.5], [0.20, 0.40, 1.00, 0.5]])
 
@@ -33,11 +31,7 @@ def select_slices(kept: Dict[str, dict]) -> Dict[str, dict]:
 
 
 def save_slices(path: Path, slices: Dict[str, dict]) -> None:
-    arrays = {}
-    for key, v in slices.items():
-        for field in ("image", "label", "pred"):
-            arrays[f"{key}/{field}"] = v[field]
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **{f"{key}/{f}": v[f] for key, v in slices.items() for f in ("image", "label", "pred")})
 
 
 def load_slices(path: Path) -> Dict[str, dict]:
@@ -88,8 +82,7 @@ def render(runs: Sequence[Tuple[str, Dict[str, dict]]], out: Path, max_rows: int
             ax.imshow(img, cmap="gray")
             if lab is not None:
                 ax.imshow(colors[np.clip(lab, 0, len(colors) - 1)], interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if r == 0:
                 ax.set_title(title, fontsize=9)
             if c == 0:
