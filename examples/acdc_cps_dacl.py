@@ -144,9 +144,6 @@ class ACDC(engine.Task):
                                  f"got {cfg['labeled']}")
             cfg["labeled_slices"] = LABELED_SLICES[cfg["labeled"]]
 
-    def output_dir(self, cfg: dict) -> Path:
-        return engine.REPO_ROOT / "runs" / f"acdc_{cfg['method']}_{cfg['preset']}_seed{cfg['seed']}"
-
     def build_data(self, cfg: dict, run_dir: Path) -> ACDCSliceData:
         return ACDCSliceData(cfg, run_dir)
 

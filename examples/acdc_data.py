@@ -120,7 +120,8 @@ def read_case(path: Path, ndim: int) -> Tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-def resize_image(image: np.ndarray, label: Optional[np.ndarray], size: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def resize_image(image: np.ndarray, label: Optional[np.ndarray], size: int
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Resize a 2D slice, ``image (H, W)`` or ``(C, H, W)``, to ``(C, size, size)`` (bilinear; C = 1 for
     ``(H, W)``) and ``label (H, W)`` to ``(size, size)`` (nearest)."""
     img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))

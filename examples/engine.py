@@ -295,10 +295,6 @@ def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - min(step, total) / total) ** power
 
 
-def amp_dtype(name: str) -> Optional[torch.dtype]:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
-
-
 class _Logits(NamedTuple):  # a tuple, so that DDP finds the output tensors
     logits_a: torch.Tensor
     logits_b: torch.Tensor
@@ -338,7 +334,8 @@ class Run:
 
     def __init__(self, task: Task, cfg: dict, run_dir: Path) -> None:
         self.task, self.cfg, self.run_dir = task, cfg, run_dir
-        self.device, self.amp = torch.device(cfg["device"]), amp_dtype(cfg["amp"])
+        self.device = torch.device(cfg["device"])
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg["amp"]]  # autocast dtype
         self.lbs = _dist.split_batch(cfg["labeled_bs"], "--labeled-bs")  # per rank
         self.ubs = _dist.split_batch(cfg["unlabeled_bs"], "--unlabeled-bs")
         seed_all(cfg["seed"])
@@ -601,7 +598,8 @@ def test(run: Run, resumed: Optional[Path], train_s: float, t_start: float) -> d
         environment=Environment(device=str(run.device), torch=torch.__version__, threads=torch.get_num_threads(),
                                 world_size=_dist.world_size()),
         command=run.command,
-        extra={"resumed_from": str(resumed) if resumed else None, "per_rank_batch": [run.lbs, run.ubs], **task.record_extra(cfg, run.data)})
+        extra={"resumed_from": str(resumed) if resumed else None, "per_rank_batch": [run.lbs, run.ubs],
+               **task.record_extra(cfg, run.data)})
     rec.save(run.run_dir / "metrics.json")
     print(f"test mean Dice {100 * res.mean['dice']:.2f}; run folder: {run.run_dir} (metrics.json, config.json, "
           f"best.pt, last.pt, tb/)")

@@ -21,26 +21,19 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see acdc_cps_dacl.py; before torch loads
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tqdm import tqdm  # noqa: E402
 from acdc_data import CLASS_NAMES, NUM_CLASSES, ACDCVolumes, find_acdc_dir, resolve_data_root  # noqa: E402
 from acdc_model import build_wrapper, predict_logits  # noqa: E402
-import engine  # noqa: E402
-from engine import format_table  # noqa: E402
 from results_schema import TestResult  # noqa: E402
-
-__all__ = ["case_metrics", "predict_volume", "evaluate", "format_table"]
 
 case_metrics = functools.partial(engine.case_metrics, num_classes=NUM_CLASSES)  # ACDC's 4 classes by default
 
@@ -72,17 +65,12 @@ def evaluate(wrapper, acdc_dir: Path, split: str, size: int, device: torch.devic
     was_training = wrapper.training
     wrapper.eval()
     # acdc_dir: the ACDC folder, or a prepared nnU-Net dataset (nnunet_data.Prepared: its volumes and classes)
-    source = acdc_dir if hasattr(acdc_dir, "volumes") else None
-    ds = source.volumes(split, limit) if source is not None else ACDCVolumes(acdc_dir, split, limit=limit)
-    class_names = list(source.class_names[1:]) if source is not None else list(CLASS_NAMES)
+    prepared = hasattr(acdc_dir, "volumes")
+    ds = acdc_dir.volumes(split, limit) if prepared else ACDCVolumes(acdc_dir, split, limit=limit)
+    class_names = list(acdc_dir.class_names[1:]) if prepared else list(CLASS_NAMES)
     per_case: Dict[str, dict] = {}
     kept: Dict[str, dict] = {}
-    it = range(len(ds))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc=f"eval {split}", leave=False, dynamic_ncols=True)
-    for i in it:
+    for i in tqdm(range(len(ds)), desc=f"eval {split}", leave=False, dynamic_ncols=True, disable=not progress):
         item = ds[i]
         pred = predict_volume(wrapper, item["image"], size, device, which, amp_dtype)
         per_case[item["name"]] = engine.case_metrics(pred, item["label"], len(class_names) + 1, full=full)
@@ -124,9 +112,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                                    slice_axis=cfg.get("slice_axis"), input_size=int(cfg["size"]))
     else:
         acdc = find_acdc_dir(resolve_data_root(args.data_root or cfg.get("data_root")))
-    res, _ = evaluate(wrapper, acdc, args.split, int(cfg["size"]), device, which=args.model or cfg.get("eval_model", "a"),
-                      limit=args.limit, progress=True)
-    print(format_table(res, f"{args.checkpoint} {args.split}"))
+    res, _ = evaluate(wrapper, acdc, args.split, int(cfg["size"]), device,
+                      which=args.model or cfg.get("eval_model", "a"), limit=args.limit, progress=True)
+    print(engine.format_table(res, f"{args.checkpoint} {args.split}"))
     res = {**dataclasses.asdict(res), "checkpoint": str(args.checkpoint)}
     out = args.output or args.checkpoint.parent / f"eval_{args.split}.json"
     out.write_text(json.dumps(res, indent=2))

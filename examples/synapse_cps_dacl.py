@@ -223,8 +223,8 @@ def build_unet(cfg: dict, num_classes: int, spacing) -> nn.Module:
 
     strides, kernels = sd.plan_unet(cfg["patch"], spacing, cfg["n_stages"])
     net = PlainConvUNet(
-        input_channels=cfg.get("in_channels", 1), n_stages=cfg["n_stages"], features_per_stage=list(cfg["features"]), conv_op=nn.Conv3d,
-        kernel_sizes=kernels, strides=strides, n_conv_per_stage=2, num_classes=num_classes,
+        input_channels=cfg.get("in_channels", 1), n_stages=cfg["n_stages"], features_per_stage=list(cfg["features"]),
+        conv_op=nn.Conv3d, kernel_sizes=kernels, strides=strides, n_conv_per_stage=2, num_classes=num_classes,
         n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
         deep_supervision=False,
@@ -276,7 +276,6 @@ class Synapse(engine.Task):
     defaults = dict(pseudo_confidence=0.9, eval_model="ensemble", nesterov=True)
     find_unused_parameters = True  # without deep supervision the lower decoder stages' seg layers are unused
     reseed_after_model = False     # one process: the training RNG continues from the initialisation
-    data_error = (nd.NnUNetDataError,)
 
     def add_arguments(self, g) -> None:
         g.add_argument("--dataset", choices=sorted(DATASET_DIRS) + ["nnunet"], default=None,
