@@ -87,7 +87,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acdc_data import ACDCSlices, evenly_spaced  # noqa: E402  (the 2D example's slices and picks)
@@ -95,7 +94,7 @@ from acdc_data import ACDCSlices, evenly_spaced  # noqa: E402  (the 2D example's
 __all__ = [
     "NnUNetDataError", "DatasetInfo", "Case", "EMPTY_CONVENTION", "read_dataset_json", "list_cases",
     "read_image", "read_header", "check_dataset", "load_case", "intensity_fingerprint", "normalize",
-    "resample", "target_spacing", "plan_patch", "parse_labeled", "make_split", "resolve_split",
+    "target_spacing", "plan_patch", "parse_labeled", "make_split", "resolve_split",
     "Prepared", "prepare", "open_2d", "is_nnunet_dir", "Slices2D", "Volumes2D",
 ]
 
@@ -477,21 +476,6 @@ def normalize(image: np.ndarray, channel_names: Sequence[str], fingerprint: Sequ
     return out
 
 
-def resample(image: np.ndarray, label: Optional[np.ndarray], shape: Sequence[int]
-             ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Resize ``image (C, Z, Y, X)`` (trilinear) and ``label (Z, Y, X)`` (nearest) to ``shape``."""
-    shape = tuple(int(s) for s in shape)
-    if tuple(image.shape[1:]) == shape:
-        return image, label
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    img = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0].numpy()
-    lab = None
-    if label is not None:
-        tl = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None, None]
-        lab = F.interpolate(tl, size=shape, mode="nearest")[0, 0].numpy().astype(np.uint8)
-    return img, lab
-
-
 def target_spacing(median_spacing: Sequence[float], median_shape: Sequence[int],
                    volume_budget: Optional[int] = None) -> Tuple[float, ...]:
     """The median spacing, coarsened along the finer axes (never beyond the coarsest axis,
@@ -721,7 +705,7 @@ class Prepared:
         for cid in ids:
             c = self.read(cid)
             shape = [max(1, int(round(n * s / t))) for n, s, t in zip(c.image.shape[1:], c.spacing, tsp)]
-            img, lab = resample(c.image, c.label, shape)
+            img, lab = sd.resize_volume(c.image, c.label, shape)  # trilinear image, nearest label
             img = img[0] if img.shape[0] == 1 else img
             out.append(sd.Volume(cid, np.ascontiguousarray(img, dtype=np.float32), lab, tuple(float(t) for t in tsp)))
         return out

@@ -78,12 +78,15 @@ def percentile_normalize(image: np.ndarray, lower: float = 0.5, upper: float = 9
 
 def resize_volume(image: np.ndarray, label: Optional[np.ndarray], shape: Sequence[int]
                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-    """Resize ``(Z, Y, X)`` arrays to ``shape``: trilinear image, nearest label (as DHC)."""
+    """Resize ``(Z, Y, X)`` arrays to ``shape``: trilinear image (``(Z, Y, X)`` or ``(C, Z, Y, X)``),
+    nearest label (as DHC)."""
     shape = tuple(int(s) for s in shape)
-    if tuple(image.shape) == shape:
+    if tuple(image.shape[-3:]) == shape:
         return image.astype(np.float32), label
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    img = F.interpolate(t, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    img = F.interpolate(t[None] if t.dim() == 4 else t[None, None], size=shape, mode="trilinear",
+                        align_corners=False)[0].numpy()
+    img = img if image.ndim == 4 else img[0]
     lab = None
     if label is not None:
         tl = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None, None]
