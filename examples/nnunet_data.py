@@ -59,7 +59,7 @@ Preprocessing, in the spirit of nnU-Net's fingerprint:
   at the target spacing; while it has more voxels than the preset's patch budget, the axis
   with the largest physical extent (voxels x spacing) loses one voxel; each axis is then
   rounded down to a multiple of ``2 ** (poolings along it)``. Poolings follow nnU-Net's
-  rule (as :func:`synapse_data.plan_unet`): an axis is pooled at a stage while its spacing
+  rule (:func:`synapse_data.poolings`): an axis is pooled at a stage while its spacing
   is at most twice the finest and its feature map stays >= 4 voxels, so the first poolings
   of anisotropic data skip the coarse axis. The depth is ``1 + the number of stages that
   pool any axis``, capped by the preset's number of stages. The values are printed and
@@ -90,6 +90,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acdc_data import ACDCSlices, evenly_spaced  # noqa: E402  (the 2D example's slices and picks)
+from synapse_data import Volume, poolings, resize_volume  # noqa: E402  (the 3D example's volumes, pooling rule)
 
 __all__ = [
     "NnUNetDataError", "DatasetInfo", "Case", "EMPTY_CONVENTION", "read_dataset_json", "list_cases",
@@ -503,22 +504,6 @@ def target_spacing(median_spacing: Sequence[float], median_shape: Sequence[int],
     return tuple(sp)
 
 
-def _poolings(size: Sequence[int], spacing: Sequence[float], min_size: int = 4, max_stages: int = 99
-              ) -> List[List[int]]:
-    """Per-stage strides (first stage all 1) with nnU-Net's rule, until no axis can be pooled."""
-    sp, sz = [float(s) for s in spacing], [int(s) for s in size]
-    strides = [[1] * len(sz)]
-    while len(strides) < max_stages:
-        m = min(sp)
-        st = [2 if (sp[a] <= 2 * m and sz[a] // 2 >= min_size) else 1 for a in range(len(sz))]
-        if not any(s == 2 for s in st):
-            break
-        strides.append(st)
-        sz = [n // t for n, t in zip(sz, st)]
-        sp = [v * t for v, t in zip(sp, st)]
-    return strides
-
-
 def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], patch_budget: int, max_stages: int,
                min_size: int = 4) -> dict:
     """Patch size and depth from the median shape and spacing (rule in the module docstring).
@@ -533,7 +518,7 @@ def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], patch_budg
             break
         patch[a] -= 1
     active = [i for i in range(len(patch)) if patch[i] > 1]
-    strides = _poolings([patch[i] for i in active], [sp[i] for i in active], min_size, max_stages)
+    strides = poolings([patch[i] for i in active], [sp[i] for i in active], min_size, max_stages)
     for i_act, i in enumerate(active):
         unit = 2 ** sum(1 for st in strides if st[i_act] == 2)
         patch[i] = max(unit, patch[i] // unit * unit)
@@ -698,16 +683,14 @@ class Prepared:
     # -- 3D example
     def load(self, ids: Sequence[str]) -> list:
         """3D volumes (``synapse_data.Volume``): normalised, resampled to the target spacing."""
-        import synapse_data as sd
-
         out = []
         tsp = self.plan["target_spacing"]
         for cid in ids:
             c = self.read(cid)
             shape = [max(1, int(round(n * s / t))) for n, s, t in zip(c.image.shape[1:], c.spacing, tsp)]
-            img, lab = sd.resize_volume(c.image, c.label, shape)  # trilinear image, nearest label
+            img, lab = resize_volume(c.image, c.label, shape)  # trilinear image, nearest label
             img = img[0] if img.shape[0] == 1 else img
-            out.append(sd.Volume(cid, np.ascontiguousarray(img, dtype=np.float32), lab, tuple(float(t) for t in tsp)))
+            out.append(Volume(cid, np.ascontiguousarray(img, dtype=np.float32), lab, tuple(float(t) for t in tsp)))
         return out
 
     # -- 2D example
@@ -811,7 +794,7 @@ def prepare(dataset_dir: os.PathLike, ndim: int, split_file: Optional[os.PathLik
             ax_zyx = int(np.argmax(med_sp))  # (z, y, x) order: ties go to z = the file's k axis
         inplane = [med_shape[a] for a in range(3) if a != ax_zyx]
         in_sp = [med_sp[a] for a in range(3) if a != ax_zyx]
-        strides = _poolings([input_size, input_size], [1.0, 1.0], 4)
+        strides = poolings([input_size, input_size], [1.0, 1.0], 4)
         plan = {"slice_axis": 2 - ax_zyx, "slice_axis_zyx": ax_zyx, "median_slice_shape": inplane,
                 "median_slice_spacing": in_sp, "input_size": int(input_size), "poolings": len(strides) - 1,
                 "rule": "every slice resized to input_size x input_size (the SSL4MIS protocol); poolings: halve "

@@ -167,7 +167,7 @@ class Volumes3D:
         if not cfg["patch_given"]:
             cfg["patch"] = tuple(prep.plan["patch"])
         if not cfg["features_given"]:  # as many stages as the patch can pool (nnU-Net's rule), at most the preset's
-            n = len(nd._poolings(cfg["patch"], prep.plan["target_spacing"], max_stages=cfg["n_stages"]))
+            n = len(sd.poolings(cfg["patch"], prep.plan["target_spacing"], max_stages=cfg["n_stages"]))
             cfg["n_stages"], cfg["features"] = n, tuple(cfg["features"][:n])
         cfg["in_channels"], cfg["labeled"] = prep.in_channels, len(prep.split["labeled"])
         cfg["nnunet"] = {**prep.summary(), "patch_used": list(cfg["patch"]), "n_stages_used": cfg["n_stages"]}

@@ -366,28 +366,40 @@ def sliding_window_inference(predict: Callable[[torch.Tensor], torch.Tensor], im
 
 
 # ----------------------------------------------------------------------------- nnU-Net-like planning
+def poolings(size: Sequence[int], spacing: Sequence[float], min_size: int = 4, max_stages: int = 99
+             ) -> List[List[int]]:
+    """Per-stage strides by nnU-Net's rule (any number of axes), the first stage all 1: at each
+    further stage an axis is downsampled by 2 when its current spacing is at most twice the
+    smallest current spacing and its feature map stays >= ``min_size``; until no axis can be
+    pooled or there are ``max_stages`` stages."""
+    sp, sz = [float(s) for s in spacing], [int(s) for s in size]
+    strides = [[1] * len(sz)]
+    while len(strides) < max_stages:
+        m = min(sp)
+        st = [2 if (sp[a] <= 2 * m and sz[a] // 2 >= min_size) else 1 for a in range(len(sz))]
+        if 2 not in st:
+            break
+        strides.append(st)
+        sz = [n // t for n, t in zip(sz, st)]
+        sp = [v * t for v, t in zip(sp, st)]
+    return strides
+
+
 def plan_unet(patch_size: Sequence[int], spacing: Optional[Sequence[float]], n_stages: int,
               min_size: int = 4) -> Tuple[List[List[int]], List[List[int]]]:
-    """Per-stage strides and kernel sizes in the spirit of nnU-Net's planner.
-
-    At each stage after the first, an axis is downsampled by 2 when its current spacing is
-    at most twice the smallest current spacing and its feature map stays >= ``min_size``;
-    a 3x3x3 kernel becomes 1 along an axis whose spacing is more than twice the smallest
-    (anisotropic MR such as CHAOS-T2: 7.7 mm slices vs 1.25 mm pixels).
+    """Per-stage strides (:func:`poolings`, stride 1 for the stages beyond) and kernel sizes in
+    the spirit of nnU-Net's planner: a 3x3x3 kernel becomes 1 along an axis whose spacing is
+    more than twice the smallest at that stage (anisotropic MR such as CHAOS-T2: 7.7 mm slices
+    vs 1.25 mm pixels).
 
     Returns:
         ``(strides, kernel_sizes)``, one ``[z, y, x]`` list per stage.
     """
     sp = [1.0, 1.0, 1.0] if spacing is None else [float(s) for s in spacing]
-    size = [int(p) for p in patch_size]
-    strides, kernels = [[1, 1, 1]], []
-    for s in range(n_stages):
-        if s > 0:
-            m = min(sp)
-            st = [2 if (sp[a] <= 2 * m and size[a] // 2 >= min_size) else 1 for a in range(3)]
-            strides.append(st)
-            size = [n // t for n, t in zip(size, st)]
-            sp = [v * t for v, t in zip(sp, st)]
-        m = min(sp)
-        kernels.append([1 if sp[a] > 2 * m else 3 for a in range(3)])
+    strides = poolings(patch_size, sp, min_size, n_stages)
+    strides += [[1, 1, 1] for _ in range(n_stages - len(strides))]
+    kernels = []
+    for st in strides:
+        sp = [v * t for v, t in zip(sp, st)]
+        kernels.append([1 if v > 2 * min(sp) else 3 for v in sp])
     return strides, kernels
