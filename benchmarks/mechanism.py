@@ -14,13 +14,14 @@ For each checkpoint of the ACDC example (``<run>/best.pt``; e.g. a CPS run and a
 3. a 2D t-SNE of the sample, the checkpoints side by side (``mechanism_tsne.png``).
 4. a density map: every foreground pixel's multi-scale kNN density (Eq. 3-5, ks 8/16/32,
    :func:`torch_dacl.functional.knn_density`) among the pixels of its class on the same slice,
-   on ``--map-slices`` test slices (``mechanism_density.png``): the dark pixels are the sparse
+   on ``--map-slices`` test slices, zoomed on the foreground, one colour range for all maps
+   (``mechanism_density.png``): the dark pixels are the sparse
    ones DACL pulls towards its class center.
 
 Writes ``mechanism.json`` (metrics, sample sizes, the command) and the two figures into
 ``--out``. Example::
 
-    python benchmarks/mechanism.py runs/acdc_cps_quick_seed0/best.pt runs/acdc_dacl_quick_seed0/best.pt \\
+    python benchmarks/mechanism.py runs/acdc_cps_cpu_seed0/best.pt runs/acdc_dacl_cpu_seed0/best.pt \\
         --names CPS DACL --out benchmarks/results/mechanism
 """
 
@@ -146,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     results, samples, maps = {}, {}, {}
     slices = None
     for name, ck in zip(names, args.checkpoints):
-        wrapper, cfg, _ = load_wrapper(ck, torch.device("cpu"))
+        wrapper, cfg, state = load_wrapper(ck, torch.device("cpu"))
         if slices is None or slices[0]["image"].shape[-1] != cfg["size"]:
             slices = test_slices(acdc_dir, args.slices, int(cfg["size"]))
         x = torch.stack([s["image"] for s in slices])
@@ -155,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         idx = balanced_sample(y, args.pixels_per_class, args.seed, len(CLASS_NAMES))
         flat = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
         xs, ys = flat[idx].numpy(), y.reshape(-1)[idx].numpy()
-        results[name] = {"checkpoint": str(ck), "step": cfg.get("steps"), "method": cfg.get("method"),
+        results[name] = {"checkpoint": str(ck), "step": state.get("step"), "of_steps": cfg.get("steps"),
+                         "method": cfg.get("method"),
                          "pixels": {CLASS_NAMES[c]: int((ys == c).sum()) for c in range(len(CLASS_NAMES))},
                          **cluster_metrics(xs, ys, args.seed)}
         samples[name] = (xs, ys)
@@ -195,20 +197,30 @@ def plot(samples, maps, out: Path, seed: int, tsne: bool = True) -> None:
         fig.savefig(out / "mechanism_tsne.png", dpi=110)
         plt.close(fig)
     rows = len(next(iter(maps.values())))
+    # one colour range for every map: the densities sit near 1 (a pixel's nearest same-class
+    # neighbours on a slice are close), so a fixed 0-1 range shows no contrast
+    pooled = np.concatenate([d[2][np.isfinite(d[2])] for m in maps.values() for d in m] or [np.ones(1)])
+    lo, hi = (float(v) for v in np.percentile(pooled, [2, 100]))
     fig, axes = plt.subplots(rows, 1 + len(maps), figsize=(3.2 * (1 + len(maps)) + 1, 3.0 * rows), squeeze=False,
                              constrained_layout=True)
     for r in range(rows):
         img, lab, _ = next(iter(maps.values()))[r]
+        ys, xs = np.nonzero(lab)  # zoom on the foreground, with a margin
+        m = max(16, int(np.ptp(ys) + np.ptp(xs)) // 2) if len(ys) else 0
+        box = (slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1)) \
+            if len(ys) else (slice(None), slice(None))
+        img, lab = img[box], lab[box]
         axes[r][0].imshow(img, cmap="gray")
         axes[r][0].imshow(np.ma.masked_equal(lab, 0), cmap="jet", alpha=0.35, vmin=0, vmax=3)
         axes[r][0].set_title("image + ground truth" if r == 0 else "")
-        for j, (name, m) in enumerate(maps.items(), start=1):
-            axes[r][j].imshow(m[r][0], cmap="gray")
-            im = axes[r][j].imshow(m[r][2], cmap="magma", vmin=0, vmax=1)
+        for j, (name, mp) in enumerate(maps.items(), start=1):
+            axes[r][j].imshow(mp[r][0][box], cmap="gray")
+            im = axes[r][j].imshow(mp[r][2][box], cmap="magma", vmin=lo, vmax=max(hi, lo + 1e-6))
             axes[r][j].set_title(f"{name}: kNN density" if r == 0 else "")
         for ax in axes[r]:
             ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="kNN density, cosine (dark = sparse)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="kNN density, cosine (dark = sparse);\n"
+                 "range: 2nd percentile to maximum of the maps shown")
     fig.savefig(out / "mechanism_density.png", dpi=110)
     plt.close(fig)
 
