@@ -67,8 +67,9 @@ Preprocessing, in the spirit of nnU-Net's fingerprint:
 
 Metrics convention for a class absent from a test case (both examples): Dice is 1.0 when the
 class is absent from both the ground truth and the prediction (distances 0), and 0.0 when
-it is in exactly one of them (HD95 and ASD: the volume's diagonal, ``engine.case_metrics``); every class of ``dataset.json`` is scored in every case and
-the means run over all cases and classes (:data:`EMPTY_CONVENTION`).
+it is in exactly one of them (HD95 and ASD: the volume's diagonal, ``engine.case_metrics``);
+every class of ``dataset.json`` is scored in every case and the means run over all cases and
+classes.
 
 Command line: ``python examples/nnunet_data.py <dataset folder>`` checks a dataset and
 prints its fingerprint and plan.
@@ -92,16 +93,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acdc_data import ACDCSlices, evenly_spaced  # noqa: E402  (the 2D example's slices and picks)
 from synapse_data import Volume, poolings, resize_volume  # noqa: E402  (the 3D example's volumes, pooling rule)
 
-__all__ = [
-    "NnUNetDataError", "DatasetInfo", "Case", "EMPTY_CONVENTION", "read_dataset_json", "list_cases",
-    "read_image", "read_header", "check_dataset", "load_case", "intensity_fingerprint", "normalize",
-    "target_spacing", "plan_patch", "parse_labeled", "make_split", "resolve_split",
-    "Prepared", "prepare", "open_2d", "is_nnunet_dir", "Slices2D", "Volumes2D",
-]
-
-EMPTY_CONVENTION = ("a class absent from both ground truth and prediction: Dice 1 (distances 0); "
-                    "in exactly one of them: Dice 0, distances the volume diagonal; means over all cases and all "
-                    "classes of dataset.json")
 LAYOUT_HELP = ("expected an nnU-Net raw dataset folder: dataset.json (channel_names, labels, file_ending), "
                "imagesTr/CASE_XXXX<file_ending> (one file per channel), labelsTr/CASE<file_ending>; "
                "see docs/tutorials/own_data.rst")
@@ -139,12 +130,6 @@ class DatasetInfo:
         return {"root": str(self.root), "name": self.name, "channel_names": self.channel_names,
                 "class_names": self.class_names, "num_classes": self.num_classes,
                 "in_channels": self.in_channels, "file_ending": self.file_ending}
-
-
-def is_nnunet_dir(path: os.PathLike) -> bool:
-    """True when ``path`` looks like an nnU-Net raw folder (``dataset.json`` or ``imagesTr/``)."""
-    p = Path(path)
-    return (p / "dataset.json").is_file() or (p / "imagesTr").is_dir()
 
 
 def read_dataset_json(root: os.PathLike) -> DatasetInfo:
