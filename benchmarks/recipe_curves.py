@@ -2,8 +2,9 @@
 
 Reads whatever exists in each run folder (``val_history.json`` of a finished ``--no-test`` run,
 else the history inside ``last.pt`` of a run still going or interrupted) and writes
-``curves.json``, ``curves.md`` and ``curves.png`` into ``--out``. It reads the validation split
-only; the runs it is meant for stop before the test set (``--no-test``).
+``curves.json`` (every point), ``curves.md`` and ``table.json`` (the table) and ``curves.png``
+into ``--out``. It reads the validation split only; the runs it is meant for stop before the
+test set (``--no-test``).
 
 Examples::
 
@@ -70,18 +71,28 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     lines = [f"# {args.title}: validation Dice (mean of RV, Myo, LV; 3D, on the val volumes) by training time",
              "", "Validation split only; the test split was not read. Training minutes exclude validation, on",
              "one thread of a 2-core machine shared with other jobs (so absolute minutes are noisy).", "",
-             "| run | method | DACL settings | network | size / crop | batch | lr | steps done | best val Dice | at step "
-             "| minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | method | DACL settings | network | size / crop | batch | lr | steps done | best val Dice "
+             "| at step | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in runs:
         c, h = r["config"], r["history"]
         best = max(h, key=lambda x: x["val_dice"])
-        lines.append(f"| {r['name']} | {c['method']} | {dacl_settings(c)} | {c['encoder']} | {c['size']} / {c['crop'] or '-'} | "
+        rows.append({"run": r["name"], "method": c["method"], "DACL settings": dacl_settings(c),
+                     "steps done": f"{h[-1]['step']} of {c['steps']}",
+                     "best val Dice (%)": round(100 * best["val_dice"], 1),
+                     "at step": best["step"], "last val Dice (%)": round(100 * h[-1]["val_dice"], 1),
+                     "training minutes": round(h[-1]["train_minutes"])})
+        lines.append(f"| {r['name']} | {c['method']} | {dacl_settings(c)} | {c['encoder']} | "
+                     f"{c['size']} / {c['crop'] or '-'} | "
                      f"{c['labeled_bs']}+{c['unlabeled_bs'] if c['method'] != 'sup' else 0} | {c['lr']} | "
                      f"{h[-1]['step']} of {c['steps']}{'' if r['finished'] else ' (running or stopped)'} | "
                      f"{100 * best['val_dice']:.1f} % | {best['step']} | {h[-1]['train_minutes']:.0f} |")
-    cmd = " ".join(["python benchmarks/recipe_curves.py", *map(str, argv if argv is not None else sys.argv[1:])])
+    given = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
+    cmd = " ".join(["python benchmarks/recipe_curves.py", *(a for a in given if not a.endswith(".log"))])
     lines += ["", f"Curves: `curves.png`; every point in `curves.json`. Made by `{cmd}`."]
     (args.out / "curves.md").write_text("\n".join(lines) + "\n")
+    (args.out / "table.json").write_text(json.dumps({"what": f"{args.title}: validation split only", "command": cmd,
+                                                     "rows": rows}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -39,3 +39,6 @@ def test_curves_from_val_history(tmp_path):
     assert ("| C | dacl | λ 0.3 (mean), class_prior, head weight λ, 512/class, bank 1000 | basicunet | 256 / 128 | "
             "4+4 | 0.01 | 500 of 1000 | 40.0 % | 500 | 5 |") in md
     assert (out / "curves.png").stat().st_size > 0
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    got = [(r["run"], r["best val Dice (%)"], r["last val Dice (%)"]) for r in rows]
+    assert got == [("A", 70.0, 70.0), ("C", 40.0, 40.0)]
