@@ -14,7 +14,7 @@ Usage::
     python benchmarks/collect.py acdc --patients 7 3 --collect-only  # rebuild the tables from run folders
     python benchmarks/collect.py acdc --variants II III IV V --seeds 0   # Table 2 ablation rows
     python benchmarks/collect.py chaos --variants cps dacl --seeds 0 1   # the 3D example on CHAOS-T2
-    python benchmarks/collect.py render benchmarks/results/acdc_quick.json   # the .md again from a table
+    python benchmarks/collect.py render benchmarks/results/acdc_cpu.json     # the .md again from a table
 
 Variants: ``sup``, ``cps`` (Table 2 I), ``dacl`` (Table 2 VI) and the Table 2 ablation rows ``II``
 (plain contrastive: random anchors and positives, no bank, no w_i), ``III`` (density-aware, one
@@ -127,9 +127,17 @@ def row_from_records(variant: str, records: Sequence[rs.RunRecord]) -> rs.TableR
                        for c in first.test.classes} for m in rs.METRICS},
         best_val_dice={s: 100 * r.best.val_mean_dice for s, r in by_seed.items() if r.best.val_mean_dice is not None},
         wall_seconds={s: r.timing.wall_seconds for s, r in by_seed.items()},
+        train_seconds={s: t for s, r in by_seed.items() if (t := _train_seconds(r)) is not None},
         empty_cases={s: r.test.empty_cases for s, r in by_seed.items() if r.test.empty_cases is not None},
         empty_convention=first.test.empty_convention,
         commands={s: r.command for s, r in by_seed.items() if r.command})
+
+
+def _train_seconds(r: rs.RunRecord) -> Optional[float]:
+    """Seconds in training steps over the whole run: the validation history counts them across
+    resumes (records written by a resumed run before this was fixed hold only the last process's)."""
+    last = r.val_history[-1].train_seconds if r.val_history else None
+    return last if last else r.timing.train_seconds
 
 
 def paired_differences(rows: Sequence[rs.TableRow]) -> List[rs.Paired]:
@@ -215,7 +223,7 @@ def markdown(table: rs.Table) -> str:
     for labeled in sorted({r.labeled for r in table.rows}, reverse=True):
         rows = [r for r in table.rows if r.labeled == labeled]
         classes = list(dict.fromkeys(c for r in rows for c in r.per_class.get("dice", {})))
-        head = ["method", "seeds", "test cases", "wall (s)", *(NAMES[m] for m in metrics), *(f"{c} Dice" for c in classes)]
+        head = ["method", "seeds", "test cases", "train (min)", *(NAMES[m] for m in metrics), *(f"{c} Dice" for c in classes)]
         if comparable:
             head += ["paper Dice", "paper Jaccard", "paper ASD"]
         lines += [f"## {labeled} labeled {rows[0].labeled_unit}", "", "| " + " | ".join(head) + " |",
@@ -223,7 +231,7 @@ def markdown(table: rs.Table) -> str:
         for r in rows:
             n = len(r.seeds)
             cells = [LABELS.get(r.variant, r.variant), str(n), str(r.num_test_cases or "–"),
-                     "/".join(f"{w:.0f}" for w in r.wall_seconds.values()) or "–",
+                     "/".join(f"{t / 60:.0f}" for t in r.train_seconds.values()) or "–",
                      *(_pm(r.metrics[m], n) for m in metrics), *(_pm(r.per_class.get("dice", {}).get(c, rs.Stat(None, None)), n) for c in classes)]
             if comparable:
                 p = paper_row(comparable, labeled, r.variant) or {}
@@ -299,7 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("dataset", choices=[*DATASETS, "render"], help="which example to run and collect; render: "
                    "write the .md of the table JSON files given as --tables")
     p.add_argument("tables", nargs="*", type=Path, help="render: table JSON files")
-    p.add_argument("--preset", default="quick")
+    p.add_argument("--preset", default="cpu")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the dataset's")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: acdc 0 1 2, chaos 0 1")
     p.add_argument("--labeled", "--patients", nargs="+", type=int, default=None, dest="labeled",

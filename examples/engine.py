@@ -527,22 +527,22 @@ def main(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run = Run(task, cfg, run_dir)
-        resumed, run.start_step = run.resume(cfg["resume"]), run.step
+        resumed = run.resume(cfg["resume"])
         run.command = " ".join(["python", *sys.argv]) if argv is None else f"main({list(argv)!r})"
         if _dist.is_main():
             (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
             print(startup_summary(run), flush=True)
-        train_s = train(run, cfg["stop_at"])
+        train(run, cfg["stop_at"])
         if run.step < cfg["steps"] or cfg["no_test"]:
             if _dist.is_main():
                 (run_dir / "val_history.json").write_text(json.dumps(
-                    {"history": run.history, "best": run.best, "train_seconds": round(train_s, 1),
+                    {"history": run.history, "best": run.best, "train_seconds": round(run.train_seconds, 1),
                      "threads": torch.get_num_threads()}, indent=1, default=float))
                 print(f"stopped at step {run.step} of {cfg['steps']}"
                       + ("" if run.step < cfg["steps"] else " before the test set (--no-test)")
                       + "; continue with --resume")
             return {"stopped_at": run.step}
-        return test(run, resumed, train_s, t_start) if _dist.is_main() else {}
+        return test(run, resumed, t_start) if _dist.is_main() else {}
     finally:
         _dist.cleanup()
 
@@ -562,7 +562,7 @@ def startup_summary(run: Run) -> str:
                       f"  output  {run.run_dir} (config.json holds every setting)"])
 
 
-def test(run: Run, resumed: Optional[Path], train_s: float, t_start: float) -> dict:
+def test(run: Run, resumed: Optional[Path], t_start: float) -> dict:
     """Rank 0: test the best checkpoint, write the pictures and metrics.json."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -591,8 +591,10 @@ def test(run: Run, resumed: Optional[Path], train_s: float, t_start: float) -> d
         config=json.loads(json.dumps(cfg, default=str)), test=res, diagnostics=run.diagnostics,
         val_history=[ValPoint(**h) for h in run.history],
         best=Best(step=run.best["step"], val_mean_dice=run.best["val_dice"]),
-        timing=Timing(wall_seconds=round(time.time() - t_start, 1), train_seconds=round(train_s, 1),
-                      per_step=(train_s - run.val_seconds) / max(1, run.step - run.start_step),
+        # wall: this process; train: the training steps of every process of the run (resumes
+        # included, validation excluded), as the validation history counts them
+        timing=Timing(wall_seconds=round(time.time() - t_start, 1), train_seconds=round(run.train_seconds, 1),
+                      per_step=run.train_seconds / max(1, run.step),
                       phases={"load": round(run.load_seconds, 1), "validation": round(run.val_seconds, 1),
                               "test": round(test_s, 1)}),
         environment=Environment(device=str(run.device), torch=torch.__version__, threads=torch.get_num_threads(),

@@ -101,8 +101,8 @@ class TestResult:
 
 @dataclass
 class Timing:
-    wall_seconds: float
-    train_seconds: Optional[float] = None
+    wall_seconds: float                                   # the process that wrote the record
+    train_seconds: Optional[float] = None                 # all training steps of the run, resumes included
     per_step: Optional[float] = None                      # seconds per training step, validation excluded
     phases: Dict[str, float] = field(default_factory=dict)
 
@@ -306,7 +306,8 @@ class TableRow:
     metrics: Dict[str, Stat]                      # METRICS -> Stat, in Table.units
     per_class: Dict[str, Dict[str, Stat]] = field(default_factory=dict)   # metric -> class -> Stat
     best_val_dice: Dict[str, float] = field(default_factory=dict)         # seed -> %
-    wall_seconds: Dict[str, float] = field(default_factory=dict)          # seed -> s
+    wall_seconds: Dict[str, float] = field(default_factory=dict)          # seed -> s (the recording process)
+    train_seconds: Dict[str, float] = field(default_factory=dict)         # seed -> s (all training steps)
     empty_cases: Dict[str, int] = field(default_factory=dict)             # seed -> count
     empty_convention: str = ""
     commands: Dict[str, str] = field(default_factory=dict)                # seed -> command

@@ -223,6 +223,11 @@ def test_train_resume_is_exact_and_outputs(fake_root, tmp_path):
     assert int(b["objective"]["loss_a.bank.count"].sum()) > 0  # the memory bank was used and restored
     assert a["diagnostics"] == b["diagnostics"] and a["diagnostics"]  # DACL's per-class diagnostics
     assert straight["test"]["mean"] == resumed["test"]["mean"]
+    # the record's training time spans both processes (the steps before --stop-at included)
+    hist = resumed["val_history"]
+    assert [h["step"] for h in hist] == [2, 4] and 0 < hist[0]["train_seconds"] <= hist[1]["train_seconds"]
+    assert resumed["timing"]["train_seconds"] == pytest.approx(hist[1]["train_seconds"], abs=0.051)
+    assert resumed["timing"]["per_step"] == pytest.approx(hist[1]["train_seconds"] / 4, abs=0.013)
     for f in ("config.json", "metrics.json", "best.pt", "last.pt", "test_slices.npz"):
         assert (tmp_path / "a" / f).is_file(), f
     assert list((tmp_path / "a" / "tb").iterdir())

@@ -22,7 +22,9 @@ def _record(method, seed, dice, variant=None, dataset="acdc", labeled=7):
     return rs.RunRecord(identity=rs.Identity(dataset, method, "quick", seed, labeled, "patients", 20, variant),
                         best=rs.Best(20, dice), test=rs.TestResult.from_cases(["RV", "LV"], per_case, empty_cases=0),
                         timing=rs.Timing(100.0 + seed), environment=rs.Environment("cpu"),
-                        val_history=[rs.ValPoint(10, dice - 0.1), rs.ValPoint(20, dice)], command=f"run {seed}")
+                        val_history=[rs.ValPoint(10, dice - 0.1),
+                                     rs.ValPoint(20, dice, train_seconds=600.0 * (seed + 1))],
+                        command=f"run {seed}")
 
 
 def test_collect_acdc_from_run_folders(tmp_path):
@@ -30,29 +32,30 @@ def test_collect_acdc_from_run_folders(tmp_path):
     for seed in (0, 1, 2):
         for variant, method, dice in (("cps", "cps", 0.40), ("dacl", "dacl", 0.42), ("V", "dacl", 0.41)):
             _record(method, seed, dice + 0.01 * seed, variant).save(
-                collect.run_dir(runs, "acdc", "quick", variant, 7, seed) / "metrics.json")
+                collect.run_dir(runs, "acdc", "cpu", variant, 7, seed) / "metrics.json")
     # a run in the legacy 2D layout is read through the schema too
     legacy = json.loads(json.dumps(__import__("test_results_schema").LEGACY_2D))
     legacy.update(method="sup", seed=0)
-    d = collect.run_dir(runs, "acdc", "quick", "sup", 7, 0)
+    d = collect.run_dir(runs, "acdc", "cpu", "sup", 7, 0)
     d.mkdir(parents=True)
     (d / "metrics.json").write_text(json.dumps(legacy))
     collect.main(["acdc", "--collect-only", "--runs", str(runs), "--results", str(out), "--patients", "7"])
-    table = rs.load_table(out / "acdc_quick.json")
+    table = rs.load_table(out / "acdc_cpu.json")
     assert [r.variant for r in table.rows] == ["sup", "cps", "V", "dacl"]
     dacl = table.rows[-1]
     assert dacl.seeds == [0, 1, 2] and dacl.metrics["dice"].per_seed == pytest.approx({"0": 47.0, "1": 48.0, "2": 49.0})
     assert dacl.metrics["dice"].mean == pytest.approx(48.0) and dacl.metrics["dice"].std == pytest.approx(1.0)
     assert dacl.metrics["hd95"].mean == pytest.approx(6.0) and dacl.per_class["dice"]["LV"].mean == pytest.approx(53.0)
     assert dacl.num_test_cases == 3 and dacl.wall_seconds == {"0": 100.0, "1": 101.0, "2": 102.0}
+    assert dacl.train_seconds == {"0": 600.0, "1": 1200.0, "2": 1800.0}  # from the validation history
     pairs = {(p.a, p.b): p for p in table.paired}
     assert pairs["dacl", "cps"].diffs == pytest.approx([2.0, 2.0, 2.0]) and pairs["dacl", "cps"].wins == 3
     assert pairs["cps", "sup"].seeds == [0]
-    md = (out / "acdc_quick.md").read_text()
-    assert "| DACL (Table 2 VI: + w_i) | 3 | 3 |" in md and "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
+    md = (out / "acdc_cpu.md").read_text()
+    assert "| DACL (Table 2 VI: + w_i) | 3 | 3 | 10/20/30 |" in md and "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
     assert "DACL − CPS: +2.00 ± 0.00" in md and "the paper: +5.20" in md
     if __import__("importlib").util.find_spec("matplotlib"):
-        assert (out / "acdc_quick_val_curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "acdc_cpu_val_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_collect_writes_nothing_without_runs(tmp_path, capsys):
