@@ -696,12 +696,13 @@ class Prepared:
         lab = None if c.label is None else np.moveaxis(c.label, ax, 0)
         return np.ascontiguousarray(img), None if lab is None else np.ascontiguousarray(lab)
 
-    def train_dataset(self, size: int, augment: bool = True) -> "Slices2D":
+    def train_dataset(self, size: int, augment: bool = True, crop: Optional[int] = None) -> "Slices2D":
         """Slices of the labeled, then the unlabeled training cases (indices ``0..n_labeled-1``
-        are the labeled stream); its ``n_labeled`` attribute splits the two."""
+        are the labeled stream); its ``n_labeled`` attribute splits the two. ``crop``: random
+        ``crop x crop`` training windows of the resized slices, as for ACDC."""
         lab = self.slices(self.split["labeled"])
         unl = self.slices(self.split["unlabeled"], with_label=False)
-        return Slices2D(lab + unl, size, augment, n_labeled=len(lab))
+        return Slices2D(lab + unl, size, augment, n_labeled=len(lab), crop=crop)
 
     def volumes(self, split: str, limit: Optional[int] = None) -> "Volumes2D":
         cases = list(self.split[split])
@@ -804,7 +805,7 @@ def open_2d(cfg: dict, run_dir: os.PathLike) -> Prepared:
     cfg.update(num_classes=prep.num_classes, in_channels=prep.in_channels, class_names=prep.class_names,
                nnunet=prep.summary())
     prep.save(run_dir)
-    prep.train_slices = prep.train_dataset(int(cfg["size"]))
+    prep.train_slices = prep.train_dataset(int(cfg["size"]), crop=cfg.get("crop"))
     print(f"2D plan: input {cfg['size']}x{cfg['size']}, encoder depth {prep.plan['encoder_depth']}; "
           f"{prep.train_slices.n_labeled} labeled + {len(prep.train_slices) - prep.train_slices.n_labeled} unlabeled "
           f"training slices (saved in config.json; split in {Path(run_dir) / 'split.json'})", flush=True)
@@ -818,9 +819,10 @@ class Slices2D(ACDCSlices):
     ``(index, aug_seed)``; ``image (C, S, S)``, ``label (S, S)``, zeros for unlabeled slices)."""
 
     def __init__(self, slices: Sequence[Tuple[str, np.ndarray, Optional[np.ndarray]]], size: int,
-                 augment: bool = True, n_labeled: int = 0) -> None:
+                 augment: bool = True, n_labeled: int = 0, crop: Optional[int] = None) -> None:
         self.slices, self.cases, self.n_labeled = list(slices), [s[0] for s in slices], int(n_labeled)
-        self.size, self.augment, self.crop = int(size), augment, None
+        self.size, self.augment = int(size), augment
+        self.crop = int(crop) if crop and crop < self.size else None
 
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         _, image, label = self.slices[index]

@@ -281,6 +281,20 @@ def test_sliding_window_and_sampler_multichannel():
     assert torch.allclose(probs, ref, atol=1e-5)
 
 
+def test_2d_training_slices_honour_crop():
+    """--crop with --dataset-dir trains on crop x crop windows, as on ACDC (it used to be ignored)."""
+    rng = np.random.default_rng(0)
+    slices = [("a", rng.random((2, 24, 20), dtype=np.float32), rng.integers(0, 3, (24, 20)).astype(np.uint8))]
+    whole = nd.Slices2D(slices, 32, augment=True, n_labeled=1)
+    crop = nd.Slices2D(slices, 32, augment=True, n_labeled=1, crop=16)
+    assert tuple(whole[(0, 7)]["image"].shape) == (2, 32, 32)
+    a, b = crop[(0, 7)], whole[(0, 7)]
+    assert tuple(a["image"].shape) == (2, 16, 16) and tuple(a["label"].shape) == (16, 16)
+    windows = [(oy, ox) for oy in range(17) for ox in range(17)
+               if torch.equal(b["image"][:, oy:oy + 16, ox:ox + 16], a["image"])]
+    assert windows  # a window of the same augmented, resized slice
+
+
 # ----------------------------------------------------------------------------- end to end: 2D example
 @pytest.mark.parametrize("kind", ["2d-png-binary", "3d-sliced-multiclass-2ch"])
 def test_2d_example_end_to_end(tmp_path, kind):
