@@ -300,8 +300,9 @@ class Synapse(engine.Task):
             cfg["n_stages"] = len(cfg["features"])
 
     def output_dir(self, cfg: dict) -> Path:
-        return engine.REPO_ROOT / "runs" / "synapse" / (f"{cfg['dataset']}_{cfg['preset']}_{cfg['method']}_"
-                                                        f"l{cfg['labeled']}_s{cfg['seed']}")
+        data = Path(cfg["dataset_dir"]).name if cfg.get("dataset_dir") else cfg["dataset"]
+        labeled = "" if cfg["labeled"] is None else f"l{cfg['labeled']}_"  # None: the split file's labeled cases
+        return engine.REPO_ROOT / "runs" / "synapse" / f"{data}_{cfg['preset']}_{cfg['method']}_{labeled}s{cfg['seed']}"
 
     def build_data(self, cfg: dict, run_dir: Path) -> Volumes3D:
         return Volumes3D(cfg, run_dir)
