@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -88,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                      f"{h[-1]['step']} of {c['steps']}{'' if r['finished'] else ' (running or stopped)'} | "
                      f"{100 * best['val_dice']:.1f} % | {best['step']} | {h[-1]['train_minutes']:.0f} |")
     given = [str(a) for a in (argv if argv is not None else sys.argv[1:])]
-    cmd = " ".join(["python benchmarks/recipe_curves.py", *(a for a in given if not a.endswith(".log"))])
+    cmd = shlex.join(["python", "benchmarks/recipe_curves.py", *(a for a in given if not a.endswith(".log"))])
     lines += ["", f"Curves: `curves.png`; every point in `curves.json`. Made by `{cmd}`."]
     (args.out / "curves.md").write_text("\n".join(lines) + "\n")
     (args.out / "table.json").write_text(json.dumps({"what": f"{args.title}: validation split only", "command": cmd,
