@@ -68,11 +68,12 @@ DATASETS = {
     "acdc": dict(example="examples/acdc_cps_dacl.py", runs="runs/table", folder="acdc_{preset}_{variant}_p{labeled}_seed{seed}",
                  flags=lambda labeled, out: ["--labeled-patients", str(labeled), "--output-dir", str(out)],
                  labeled=[7], labeled_choices=[3, 7], variants=["sup", "cps", "dacl"], seeds=[0, 1, 2], paper="acdc",
-                 threads=None),
+                 threads=1, preset="cpu"),
     "chaos": dict(example="examples/synapse_cps_dacl.py", runs="runs/synapse", folder="chaos_{preset}_{variant}_l{labeled}_s{seed}",
                   flags=lambda labeled, out: ["--dataset", "chaos", "--labeled", str(labeled), "--out", str(out),
                                               "--no-progress"],
-                  labeled=[4], labeled_choices=[2, 4], variants=["cps", "dacl"], seeds=[0, 1], paper=None, threads=1),
+                  labeled=[4], labeled_choices=[2, 4], variants=["cps", "dacl"], seeds=[0, 1], paper=None, threads=1,
+                  preset="quick"),
 }
 
 
@@ -223,7 +224,9 @@ def markdown(table: rs.Table) -> str:
     for labeled in sorted({r.labeled for r in table.rows}, reverse=True):
         rows = [r for r in table.rows if r.labeled == labeled]
         classes = list(dict.fromkeys(c for r in rows for c in r.per_class.get("dice", {})))
-        head = ["method", "seeds", "test cases", "train (min)", *(NAMES[m] for m in metrics), *(f"{c} Dice" for c in classes)]
+        minutes = any(r.train_seconds for r in rows)  # tables collected before train_seconds: wall seconds
+        head = ["method", "seeds", "test cases", "train (min)" if minutes else "wall (s)",
+                *(NAMES[m] for m in metrics), *(f"{c} Dice" for c in classes)]
         if comparable:
             head += ["paper Dice", "paper Jaccard", "paper ASD"]
         lines += [f"## {labeled} labeled {rows[0].labeled_unit}", "", "| " + " | ".join(head) + " |",
@@ -231,7 +234,8 @@ def markdown(table: rs.Table) -> str:
         for r in rows:
             n = len(r.seeds)
             cells = [LABELS.get(r.variant, r.variant), str(n), str(r.num_test_cases or "–"),
-                     "/".join(f"{t / 60:.0f}" for t in r.train_seconds.values()) or "–",
+                     ("/".join(f"{t / 60:.0f}" for t in r.train_seconds.values()) if minutes else
+                      "/".join(f"{w:.0f}" for w in r.wall_seconds.values())) or "–",
                      *(_pm(r.metrics[m], n) for m in metrics), *(_pm(r.per_class.get("dice", {}).get(c, rs.Stat(None, None)), n) for c in classes)]
             if comparable:
                 p = paper_row(comparable, labeled, r.variant) or {}
@@ -307,14 +311,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("dataset", choices=[*DATASETS, "render"], help="which example to run and collect; render: "
                    "write the .md of the table JSON files given as --tables")
     p.add_argument("tables", nargs="*", type=Path, help="render: table JSON files")
-    p.add_argument("--preset", default="cpu")
+    p.add_argument("--preset", default=None, help="default: acdc cpu, chaos quick")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the dataset's")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: acdc 0 1 2, chaos 0 1")
     p.add_argument("--labeled", "--patients", nargs="+", type=int, default=None, dest="labeled",
                    help="labeled patients (acdc: 7 3) or volumes (chaos: 4 2); default acdc 7, chaos 4")
     p.add_argument("--runs", type=Path, default=None, help="where the run folders are (default runs/table, runs/synapse)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where the tables and figures go")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
     p.add_argument("--collect-only", action="store_true", help="run nothing, only collect the run folders")
     args = p.parse_args(argv)
     if args.dataset == "render":
@@ -322,6 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(write(rs.load_table(t), t.parent).read_text())
         return
     spec = DATASETS[args.dataset]
+    args.preset = args.preset or spec["preset"]
     args.variants = args.variants or spec["variants"]
     args.seeds = args.seeds or spec["seeds"]
     args.labeled = args.labeled or spec["labeled"]

@@ -124,6 +124,15 @@ def density_map(f: torch.Tensor, label: torch.Tensor) -> np.ndarray:
     return out.reshape(h, w)
 
 
+def zoom(label: np.ndarray) -> tuple:
+    """The slices of a box around the foreground of ``label`` with a margin (all of it if empty)."""
+    ys, xs = np.nonzero(label)
+    if not len(ys):
+        return slice(None), slice(None)
+    m = max(16, int(np.ptp(ys) + np.ptp(xs)) // 2)
+    return slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -199,21 +208,17 @@ def plot(samples, maps, out: Path, seed: int, tsne: bool = True) -> None:
     rows = len(next(iter(maps.values())))
     # one colour range for every map: the densities sit near 1 (a pixel's nearest same-class
     # neighbours on a slice are close), so a fixed 0-1 range shows no contrast
-    pooled = np.concatenate([d[2][np.isfinite(d[2])] for m in maps.values() for d in m] or [np.ones(1)])
-    lo, hi = (float(v) for v in np.percentile(pooled, [2, 100]))
+    pooled = np.concatenate([np.ones(0)] + [d[2][np.isfinite(d[2])] for m in maps.values() for d in m])
+    lo, hi = (float(v) for v in np.percentile(pooled, [2, 100])) if pooled.size else (0.0, 1.0)
     fig, axes = plt.subplots(rows, 1 + len(maps), figsize=(3.2 * (1 + len(maps)) + 1, 3.0 * rows), squeeze=False,
                              constrained_layout=True)
     for r in range(rows):
         img, lab, _ = next(iter(maps.values()))[r]
-        ys, xs = np.nonzero(lab)  # zoom on the foreground, with a margin
-        m = max(16, int(np.ptp(ys) + np.ptp(xs)) // 2) if len(ys) else 0
-        box = (slice(max(ys.min() - m, 0), ys.max() + m + 1), slice(max(xs.min() - m, 0), xs.max() + m + 1)) \
-            if len(ys) else (slice(None), slice(None))
-        img, lab = img[box], lab[box]
-        axes[r][0].imshow(img, cmap="gray")
-        axes[r][0].imshow(np.ma.masked_equal(lab, 0), cmap="jet", alpha=0.35, vmin=0, vmax=3)
+        axes[r][0].imshow(img[zoom(lab)], cmap="gray")
+        axes[r][0].imshow(np.ma.masked_equal(lab[zoom(lab)], 0), cmap="jet", alpha=0.35, vmin=0, vmax=3)
         axes[r][0].set_title("image + ground truth" if r == 0 else "")
         for j, (name, mp) in enumerate(maps.items(), start=1):
+            box = zoom(mp[r][1])  # each checkpoint's own slice (its input size may differ)
             axes[r][j].imshow(mp[r][0][box], cmap="gray")
             im = axes[r][j].imshow(mp[r][2][box], cmap="magma", vmin=lo, vmax=max(hi, lo + 1e-6))
             axes[r][j].set_title(f"{name}: kNN density" if r == 0 else "")

@@ -79,7 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         c, h = r["config"], r["history"]
         best = max(h, key=lambda x: x["val_dice"])
         rows.append({"run": r["name"], "method": c["method"], "DACL settings": dacl_settings(c),
-                     "steps done": f"{h[-1]['step']} of {c['steps']}",
+                     "steps done": f"{h[-1]['step']} of {c['steps']}"
+                                   + ("" if r["finished"] else " (running or stopped)"),
                      "best val Dice (%)": round(100 * best["val_dice"], 1),
                      "at step": best["step"], "last val Dice (%)": round(100 * h[-1]["val_dice"], 1),
                      "training minutes": round(h[-1]["train_minutes"])})

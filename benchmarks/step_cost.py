@@ -18,7 +18,7 @@ has AVX512-BF16 where ``lscpu`` lists ``avx512_bf16``).
 
 Usage::
 
-    python benchmarks/step_cost.py                 # the cpu preset, 1 thread (~10 minutes)
+    python benchmarks/step_cost.py                 # the cpu preset, 1 thread (~6 minutes)
     python benchmarks/step_cost.py --quick         # the smoke preset, 2 steps (a pipeline check)
 
 Writes ``benchmarks/results/step_cost.json`` (``--quick``: ``step_cost_quick.json``) and prints a
@@ -28,9 +28,11 @@ Markdown table. Nothing here is asserted; compare the ratios, not absolute times
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -80,18 +82,27 @@ class Timed:
             self.objective_s.append(self.objective_alone(x, y))
 
     def objective_alone(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """The objective on this batch's logits / embeddings (detached leaves), forward + backward."""
+        """The objective on this batch's logits / embeddings (detached leaves, as ``train_step``
+        passes them: logits in float32, embeddings in the autocast dtype), forward + backward.
+        It runs on a copy of the objective, after an eval-mode forward, so that neither the
+        banks nor the BatchNorm statistics of the timed run see this extra call."""
         run = self.run
         if run.cfg["method"] == "sup":
             return 0.0
+        run.wrapper.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=run.amp or torch.float32, enabled=run.amp is not None):
             out = run.net(x)
-        leaves = [t.detach().float().requires_grad_(True) if t is not None else None
-                  for t in (out.logits_a, out.logits_b, getattr(out, "embeddings_a", None),
-                            getattr(out, "embeddings_b", None))]
+        run.wrapper.train()
+        emb = [getattr(out, f"embeddings_{m}", None) for m in "ab"]
+        leaves = [out.logits_a.detach().float(), out.logits_b.detach().float(),
+                  *(None if e is None else e.detach() for e in emb)]
+        for t in leaves:
+            if t is not None:
+                t.requires_grad_(True)
+        objective = copy.deepcopy(run.objective)
         labeled = torch.arange(x.shape[0]) < run.lbs
         t0 = time.perf_counter()
-        res = run.objective(*leaves, y, labeled)
+        res = objective(*leaves, y, labeled)
         res.loss.backward()
         return time.perf_counter() - t0
 
@@ -104,17 +115,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the preset's runs use 1)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
+                   help="which variants, by name (quoted); 'cps' is the unit of the ratios")
     p.add_argument("--quick", action="store_true", help="smoke preset, 2 steps, 1 round, cps and dacl")
+    p.add_argument("--data-root", default=None, help="the examples' --data-root (default: their lookup)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
     if args.quick:
         args.preset, args.steps, args.rounds, args.warmup, args.variants = "smoke", 2, 1, 1, ["cps", "dacl"]
+    args.variants = list(dict.fromkeys(["cps", *args.variants]))  # the unit first, each variant once
     torch.set_num_threads(args.threads)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--preset", args.preset, "--labeled", "7", "--seed", "0", "--threads", str(args.threads),
-                  "--no-progress", "--no-test"]
+                  "--no-progress", "--no-test", *(["--data-root", args.data_root] if args.data_root else [])]
         runs = [Timed(name, common + VARIANTS[name], Path(tmp)) for name in args.variants]
         for r in runs:
             for _ in range(args.warmup):
@@ -124,7 +138,7 @@ def main() -> None:
                 for _ in range(args.steps):
                     r.step(record=True)
     med = {r.name: (statistics.median(r.step_s), statistics.median(r.objective_s)) for r in runs}
-    unit = med.get("cps", next(iter(med.values())))[0]
+    unit = med["cps"][0]
     rows = [{"variant": name, "argv": VARIANTS[name], "step_s": s, "step_ratio_to_cps": s / unit,
              "objective_s": o, "objective_share_of_step": o / s, "timed_steps": len(r.step_s)}
             for (name, (s, o)), r in zip(med.items(), runs)]
@@ -132,7 +146,7 @@ def main() -> None:
     lines += [f"| {r['variant']} | {r['step_s']:.3f} | {r['step_ratio_to_cps']:.2f} | {r['objective_s']:.3f} | "
               f"{100 * r['objective_share_of_step']:.0f} % |" for r in rows]
     print("\n".join(lines))
-    cmd = "python benchmarks/step_cost.py" + (" --quick" if args.quick else "")
+    cmd = shlex.join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
     out = args.output or RESULTS / ("step_cost_quick.json" if args.quick else "step_cost.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -63,9 +63,10 @@ PRESETS: Dict[str, dict] = {
     # the CPU preset, chosen on the validation split only (benchmarks/results/recipe/): MONAI's plain
     # U-Net (SSL4MIS widths, 1.9M parameters), slices resized to 256 and trained on random 128x128
     # windows (inference on whole slices), batch 4 + 4, 3000 steps. Supervised at 7 patients, one
-    # thread: val Dice 79.4 % at step 2000 where the earlier RegNetX-200MF preset plateaued near
-    # 52 %; sup and CPS val curves peak by step 2000-2500 and stay flat to 3000 (the best val
-    # checkpoint is tested). One thread beside another run: sup ~30, CPS ~55, DACL ~70 minutes.
+    # thread: val Dice 79.4 % at step 2000, where the same recipe with the RegNetX-200MF U-Net of
+    # the former quick preset reached 53.6 % after 4000 steps. sup and CPS val curves peak at step
+    # 2000 and end 2 points lower at 3000 (the best val checkpoint is tested). One thread beside
+    # another run: sup ~30, CPS ~55, DACL ~70 minutes.
     "cpu": dict(size=256, crop=128, labeled_bs=4, unlabeled_bs=4, steps=3000, encoder="basicunet",
                 decoder_channels=[16], embed_dim=32, val_every=500, val_volumes=10, test_volumes=None, workers=0,
                 amp="none", max_samples_per_class=1024, cl_stride=2),
@@ -133,7 +134,8 @@ class ACDC(engine.Task):
         g.add_argument("--size", type=int, default=256, help="input side (slices are resized to size x size)")
         g.add_argument("--crop", type=int, default=None,
                        help="train on random crop x crop windows of the resized slices (inference sees whole slices)")
-        g.add_argument("--encoder", default="resnet18", help="smp encoder name (random init)")
+        g.add_argument("--encoder", default="resnet18",
+                       help="smp encoder name (random init), or basicunet for MONAI's plain U-Net")
         g.add_argument("--decoder-channels", type=int, nargs="+", default=[256, 128, 64, 32, 16])
 
     def configure(self, cfg: dict, args: dict) -> None:

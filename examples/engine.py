@@ -13,7 +13,7 @@ Loss: ``L = L_sup(a) + L_sup(b) + lambda_cross * L_cross + lambda_CL(t) * (L_CL(
 only). The DACL losses run from the first step, so the banks are full after the warm-up.
 
 Checkpoints: ``last.pt`` holds ``model``, ``objective`` (losses, banks, schedule),
-``optimizer``, ``scaler``, ``step``, ``best``, ``history``, ``diagnostics``, ``rng`` (torch,
+``optimizer``, ``scaler``, ``step``, ``best``, ``history``, ``diagnostics``, ``train_seconds``, ``rng`` (torch,
 numpy, python, CUDA), ``data`` (the samplers), ``config`` and, under DDP, ``ranks`` (each
 rank's ``rng`` and ``data``); ``best.pt`` holds ``model``, ``config``, ``step``, ``val_dice``.
 
@@ -357,13 +357,15 @@ class Run:
         self.history: List[dict] = []
         self.diagnostics: List[dict] = []  # DACL's per-class stats (and gradient share), every log step
         self.val_seconds = 0.0
+        self.train_seconds = 0.0  # in training steps, over every process of the run (validation excluded)
 
     def state_dict(self) -> dict:
         """The checkpoint (every rank calls it under DDP: it gathers the per-rank states)."""
         own = {"rng": rng_state(), "data": getattr(self.data, "state_dict", lambda: None)()}
         return {"model": self.wrapper.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "best": self.best, "history": self.history, "diagnostics": self.diagnostics, **own,
+                "best": self.best, "history": self.history, "diagnostics": self.diagnostics,
+                "train_seconds": self.train_seconds, **own,
                 "config": self.cfg, **({"ranks": _dist.gather_objects(own)} if _dist.is_dist() else {})}
 
     def load_state_dict(self, ck: dict) -> None:
@@ -372,6 +374,9 @@ class Run:
         self.opt.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.step, self.best, self.history, self.diagnostics = ck["step"], ck["best"], ck["history"], ck["diagnostics"]
+        # (older checkpoints: the training time up to the last validation)
+        last = (self.history[-1].get("train_seconds") or 0.0) if self.history else 0.0
+        self.train_seconds = ck.get("train_seconds", last)
         ranks = ck.get("ranks") or [ck]
         if len(ranks) == _dist.world_size():  # each rank continues its own random streams
             set_rng_state(ranks[_dist.rank()]["rng"])
@@ -485,7 +490,6 @@ def train(run: Run, stop_at: Optional[int]) -> float:
                disable=cfg["no_progress"] or not main_rank)
     t0 = time.time()
     run.wrapper.train()
-    run.train_seconds = run.history[-1].get("train_seconds") or 0.0 if run.history else 0.0
     for x, y in run.data.batches(run.step, run.lbs, run.ubs) if run.step < last else ():
         t_step = time.time()
         vals, diag = run.train_step(x, y)

@@ -50,7 +50,8 @@ Examples::
 Distributed: see ``engine.py``; the smoke preset's 1 + 1 needs ``--labeled-bs 2 --unlabeled-bs 2``
 on 2 ranks.
 
-Outputs (``--output-dir``, default ``runs/synapse/<dataset>_<preset>_<method>_l<labeled>_s<seed>``):
+Outputs (``--output-dir``, default ``runs/synapse/<dataset>_<preset>_<method>_l<labeled>_s<seed>``;
+an nnU-Net dataset: ``<its folder name>_<preset>_<method>_s<seed>`` when its split sets the labeled cases):
 ``metrics.json``, ``config.json``, ``last.pt`` / ``best.pt`` (resume with ``--resume``),
 ``tb/`` (TensorBoard), ``test_slices.npz`` and ``test_predictions.png`` (test slices; ``acdc_plot.py``
 puts several runs side by side).
@@ -300,7 +301,7 @@ class Synapse(engine.Task):
             cfg["n_stages"] = len(cfg["features"])
 
     def output_dir(self, cfg: dict) -> Path:
-        data = Path(cfg["dataset_dir"]).name if cfg.get("dataset_dir") else cfg["dataset"]
+        data = Path(cfg["dataset_dir"]).name if cfg["dataset"] == "nnunet" else cfg["dataset"]
         labeled = "" if cfg["labeled"] is None else f"l{cfg['labeled']}_"  # None: the split file's labeled cases
         return engine.REPO_ROOT / "runs" / "synapse" / f"{data}_{cfg['preset']}_{cfg['method']}_{labeled}s{cfg['seed']}"
 

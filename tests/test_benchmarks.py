@@ -52,7 +52,8 @@ def test_collect_acdc_from_run_folders(tmp_path):
     assert pairs["dacl", "cps"].diffs == pytest.approx([2.0, 2.0, 2.0]) and pairs["dacl", "cps"].wins == 3
     assert pairs["cps", "sup"].seeds == [0]
     md = (out / "acdc_cpu.md").read_text()
-    assert "| DACL (Table 2 VI: + w_i) | 3 | 3 | 10/20/30 |" in md and "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
+    assert "| DACL (Table 2 VI: + w_i) | 3 | 3 | 10/20/30 |" in md
+    assert "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
     assert "DACL − CPS: +2.00 ± 0.00" in md and "the paper: +5.20" in md
     if __import__("importlib").util.find_spec("matplotlib"):
         assert (out / "acdc_cpu_val_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -91,6 +92,19 @@ def test_cli_keeps_the_old_commands():
     for flag in ("--patients", "--variants", "--seeds", "--collect-only", "--runs", "--threads", "--preset"):
         assert flag in help_
     assert not (ROOT / "benchmarks" / "acdc_table.py").exists() and not (ROOT / "benchmarks" / "chaos_table.py").exists()
+
+
+@pytest.mark.slow
+def test_step_cost_quick_writes_json(tmp_path, acdc_dir):
+    """benchmarks/step_cost.py times the example's real steps (smoke preset) and writes its table."""
+    out = tmp_path / "step.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--quick", "--data-root",
+                    str(acdc_dir.parent), "--output", str(out)], check=True, cwd=ROOT, timeout=600)
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["rows"]] == ["cps", "dacl"] and data["rows"][0]["step_ratio_to_cps"] == 1.0
+    assert all(r["step_s"] > 0 and r["timed_steps"] == 2 for r in data["rows"])
+    assert data["rows"][1]["objective_s"] > data["rows"][0]["objective_s"] > 0  # DACL's losses on top of CPS
+    assert "--quick" in data["command"] and "| dacl |" in data["table"]
 
 
 @pytest.mark.slow

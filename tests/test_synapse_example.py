@@ -230,3 +230,14 @@ def test_smoke_preset_end_to_end(tmp_path, chaos_dir):
     for name in ("last.pt", "best.pt", "test_predictions.png", "test_slices.npz"):
         assert (out / name).exists()
     assert any((out / "tb").iterdir())
+
+
+def test_default_run_folder_names():
+    import synapse_cps_dacl as ex
+
+    cfg = dict(dataset="chaos", dataset_dir=None, preset="quick", method="cps", labeled=4, seed=1)
+    assert ex.TASK.output_dir(cfg).relative_to(REPO).as_posix() == "runs/synapse/chaos_quick_cps_l4_s1"
+    btcv = {**cfg, "dataset": "btcv", "dataset_dir": "/data/Synapse/RawData/Training"}
+    assert ex.TASK.output_dir(btcv).name == "btcv_quick_cps_l4_s1"
+    own = {**cfg, "dataset": "nnunet", "dataset_dir": "/x/Dataset501_Heart", "labeled": None}
+    assert ex.TASK.output_dir(own).name == "Dataset501_Heart_quick_cps_s1"
