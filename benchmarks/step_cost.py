@@ -53,6 +53,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {
     "cps": ["--method", "cps"],
     "dacl": ["--method", "dacl"],
+    "dacl, class_prior": ["--method", "dacl", "--pseudo-policy", "class_prior"],
     "dacl, 512 samples/class": ["--method", "dacl", "--max-samples-per-class", "512"],
     "dacl, 512 samples/class, bank 500": ["--method", "dacl", "--max-samples-per-class", "512", "--bank-size", "500"],
     "cps, bf16": ["--method", "cps", "--amp", "bf16"],
