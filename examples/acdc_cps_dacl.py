@@ -24,7 +24,7 @@ model b.
 Examples::
 
     python examples/acdc_cps_dacl.py --preset smoke                 # a pipeline check (see the README)
-    python examples/acdc_cps_dacl.py --preset cpu --method cps      # ~55 min on one CPU thread
+    python examples/acdc_cps_dacl.py --preset cpu --method cps      # 40-55 min on one CPU thread
     python examples/acdc_cps_dacl.py --preset paper --device cuda   # the paper's protocol
     torchrun --standalone --nproc_per_node=4 examples/acdc_cps_dacl.py --preset paper  # DDP, 4 GPUs
     python examples/acdc_cps_dacl.py --preset cpu --table2-row III    # Table 2's rows II-VI by name
@@ -66,10 +66,10 @@ PRESETS: Dict[str, dict] = {
     # thread: val Dice 79.4 % at step 2000, where the same recipe with the RegNetX-200MF U-Net of
     # the former quick preset reached 53.6 % after 4000 steps. sup and CPS val curves peak at step
     # 2000 and end 2 points lower at 3000 (the best val checkpoint is tested). One thread beside
-    # another run: sup ~30, CPS ~55, DACL ~70 minutes. DACL's settings from a one-seed sweep on
-    # validation (benchmarks/results/sweep/): lambda_CL 0.1 (mean) with the class_prior pseudo
-    # labels, best val Dice 81.4 %, against 79.9 % (fixed 0.95), 80.1 % (lambda 1.0, fixed) and
-    # 79.0 % (lambda 1.0, class_prior).
+    # another run: sup 20-30, CPS 40-55, DACL 50-65 training minutes. DACL's settings from a
+    # one-seed sweep on validation (benchmarks/results/sweep/): lambda_CL 0.1 (mean) with the
+    # class_prior pseudo labels, best val Dice 81.4 %, against 79.9 % (fixed 0.95), 80.1 %
+    # (lambda 1.0, fixed) and 79.0 % (lambda 1.0, class_prior).
     "cpu": dict(size=256, crop=128, labeled_bs=4, unlabeled_bs=4, steps=3000, encoder="basicunet",
                 decoder_channels=[16], embed_dim=32, val_every=500, val_volumes=10, test_volumes=None, workers=0,
                 amp="none", max_samples_per_class=1024, cl_stride=2, pseudo_policy="class_prior"),
