@@ -12,8 +12,9 @@ ratios measured in the same run:
   losses and their banks, forward and backward) on the step's own logits and embeddings,
   detached, and its share of the whole step.
 
-Variants: the preset as is (``cps``, ``dacl``); DACL with a smaller sampling budget
-(``--max-samples-per-class``) and bank; both in bfloat16 autocast (``--amp bf16``; this CPU
+Variants: the preset as is (``cps``, ``dacl``: its ``class_prior`` pseudo labels); DACL with
+the fixed-threshold pseudo labels, with a smaller sampling budget (``--max-samples-per-class``)
+and bank; both in bfloat16 autocast (``--amp bf16``; this CPU
 has AVX512-BF16 where ``lscpu`` lists ``avx512_bf16``).
 
 Usage::
@@ -53,12 +54,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {
     "cps": ["--method", "cps"],
     "dacl": ["--method", "dacl"],
-    "dacl, class_prior": ["--method", "dacl", "--pseudo-policy", "class_prior"],
+    "dacl, fixed 0.95": ["--method", "dacl", "--pseudo-policy", "fixed"],
     "dacl, 512 samples/class": ["--method", "dacl", "--max-samples-per-class", "512"],
     "dacl, 512 samples/class, bank 500": ["--method", "dacl", "--max-samples-per-class", "512", "--bank-size", "500"],
     "cps, bf16": ["--method", "cps", "--amp", "bf16"],
     "dacl, bf16": ["--method", "dacl", "--amp", "bf16"],
 }
+
+
+SETTINGS = ("method", "pseudo_policy", "max_samples_per_class", "bank_size", "amp")  # recorded per row
 
 
 class Timed:
@@ -140,7 +144,8 @@ def main() -> None:
                     r.step(record=True)
     med = {r.name: (statistics.median(r.step_s), statistics.median(r.objective_s)) for r in runs}
     unit = med["cps"][0]
-    rows = [{"variant": name, "argv": VARIANTS[name], "step_s": s, "step_ratio_to_cps": s / unit,
+    rows = [{"variant": name, "argv": VARIANTS[name], "settings": {k: r.run.cfg[k] for k in SETTINGS},
+             "step_s": s, "step_ratio_to_cps": s / unit,
              "objective_s": o, "objective_share_of_step": o / s, "timed_steps": len(r.step_s)}
             for (name, (s, o)), r in zip(med.items(), runs)]
     lines = ["| variant | step (s) | step / cps | objective alone (s) | objective / step |", "|---|---|---|---|---|"]
