@@ -474,8 +474,8 @@ class Run:
         self.val_seconds += time.time() - t0
 
 
-def train(run: Run, stop_at: Optional[int]) -> float:
-    """The loop: returns the seconds spent in it (validation included)."""
+def train(run: Run, stop_at: Optional[int]) -> None:
+    """The loop (``run.train_seconds`` accumulates the time of its steps)."""
     from tqdm import tqdm
 
     cfg, main_rank = run.cfg, _dist.is_main()
@@ -488,7 +488,6 @@ def train(run: Run, stop_at: Optional[int]) -> float:
     last = min(cfg["steps"], stop_at) if stop_at else cfg["steps"]
     bar = tqdm(total=cfg["steps"], initial=run.step, desc=f"{cfg['method']} {cfg['preset']}", dynamic_ncols=True,
                disable=cfg["no_progress"] or not main_rank)
-    t0 = time.time()
     run.wrapper.train()
     for x, y in run.data.batches(run.step, run.lbs, run.ubs) if run.step < last else ():
         t_step = time.time()
@@ -514,7 +513,6 @@ def train(run: Run, stop_at: Optional[int]) -> float:
     bar.close()
     writer.close()
     _dist.barrier()  # last.pt is written before any rank returns
-    return time.time() - t0
 
 
 def main(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
