@@ -820,9 +820,11 @@ class Slices2D(ACDCSlices):
 
     def __init__(self, slices: Sequence[Tuple[str, np.ndarray, Optional[np.ndarray]]], size: int,
                  augment: bool = True, n_labeled: int = 0, crop: Optional[int] = None) -> None:
-        self.slices, self.cases, self.n_labeled = list(slices), [s[0] for s in slices], int(n_labeled)
-        self.size, self.augment = int(size), augment
-        self.crop = int(crop) if crop and crop < self.size else None
+        slices = list(slices)
+        # the slices are already in memory: no folder to read and nothing to cache
+        super().__init__(Path("."), size, augment=augment, cache=False,
+                         cases=[s[0] for s in slices], crop=crop)
+        self.slices, self.n_labeled = slices, int(n_labeled)
 
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         _, image, label = self.slices[index]
