@@ -10,9 +10,9 @@ each run, never by the test split.
 
 Usage::
 
-    python benchmarks/collect.py acdc                              # sup, cps, dacl; seeds 0 1 2; 7 patients
-    python benchmarks/collect.py acdc --patients 7 3 --collect-only  # rebuild the tables from run folders
-    python benchmarks/collect.py acdc --variants II III IV V --seeds 0   # Table 2 ablation rows
+    python benchmarks/collect.py acdc                              # sup, cps, dacl; seeds 0 1 2; 7 and 3 patients
+    python benchmarks/collect.py acdc --collect-only               # rebuild the tables from run folders
+    python benchmarks/collect.py acdc --variants II III IV V --patients 7   # Table 2 ablation rows (10 %)
     python benchmarks/collect.py chaos --variants cps dacl --seeds 0 1   # the 3D example on CHAOS-T2
     python benchmarks/collect.py render benchmarks/results/acdc_cpu.json     # the .md again from a table
 
@@ -67,7 +67,7 @@ NAMES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95", "asd": "ASD"}
 DATASETS = {
     "acdc": dict(example="examples/acdc_cps_dacl.py", runs="runs/table", folder="acdc_{preset}_{variant}_p{labeled}_seed{seed}",
                  flags=lambda labeled, out: ["--labeled-patients", str(labeled), "--output-dir", str(out)],
-                 labeled=[7], labeled_choices=[3, 7], variants=["sup", "cps", "dacl"], seeds=[0, 1, 2], paper="acdc",
+                 labeled=[7, 3], labeled_choices=[3, 7], variants=["sup", "cps", "dacl"], seeds=[0, 1, 2], paper="acdc",
                  threads=1, preset="cpu"),
     "chaos": dict(example="examples/synapse_cps_dacl.py", runs="runs/synapse", folder="chaos_{preset}_{variant}_l{labeled}_s{seed}",
                   flags=lambda labeled, out: ["--dataset", "chaos", "--labeled", str(labeled), "--out", str(out),
@@ -315,7 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the dataset's")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: acdc 0 1 2, chaos 0 1")
     p.add_argument("--labeled", "--patients", nargs="+", type=int, default=None, dest="labeled",
-                   help="labeled patients (acdc: 7 3) or volumes (chaos: 4 2); default acdc 7, chaos 4")
+                   help="labeled patients (acdc: 7 3) or volumes (chaos: 4 2); default acdc 7 3, chaos 4")
     p.add_argument("--runs", type=Path, default=None, help="where the run folders are (default runs/table, runs/synapse)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where the tables and figures go")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
