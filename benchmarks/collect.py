@@ -250,8 +250,9 @@ def markdown(table: rs.Table) -> str:
                 per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
                 pa, pb = (paper_row(comparable, labeled, v) for v in (d.a, d.b))
                 ptxt = f"; the paper: {_value(pa['dice']) - _value(pb['dice']):+.2f}" if pa and pb else ""
-                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {d.mean:+.2f} ± "
-                             f"{d.std:.2f} ({per}; better in {d.wins} of {len(d.diffs)}){ptxt}")
+                spread = f" ± {d.std:.2f}" if len(d.diffs) > 1 else " (one seed: no spread)"
+                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {d.mean:+.2f}{spread} "
+                             f"({per}; better in {d.wins} of {len(d.diffs)}){ptxt}")
             lines.append("")
     return "\n".join(lines)
 

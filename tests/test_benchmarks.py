@@ -55,6 +55,7 @@ def test_collect_acdc_from_run_folders(tmp_path):
     assert "| DACL (Table 2 VI: + w_i) | 3 | 3 | 10/20/30 |" in md
     assert "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
     assert "DACL − CPS: +2.00 ± 0.00" in md and "the paper: +5.20" in md
+    assert "CPS − supervised only: " in md and "(one seed: no spread)" in md  # no ± 0.00 from one seed
     if __import__("importlib").util.find_spec("matplotlib"):
         assert (out / "acdc_cpu_val_curves.png").read_bytes()[:4] == b"\x89PNG"
 
