@@ -130,3 +130,14 @@ def test_cli_table_comes_from_the_parser():
     for want in ("--preset", "one of smoke, quick", "w_i *weights* (default smoke)", "off (flag)", "8, 16, 32",
                  "nargs=+"):
         assert want in text, want
+
+
+def test_a_difference_from_one_seed_shows_no_spread():
+    """One paired seed has no standard deviation to show: the page says so instead of "± 0.00"."""
+    import dataclasses
+
+    ext = _ext()
+    table = ext.rs.load_table(ROOT / "benchmarks" / "results" / "acdc_quick.json")
+    one = ext.rs.Paired(7, "dacl", "cps", [0], [1.5], 1.5, 0.0, 1)
+    text = "\n".join(ext.table_lines(dataclasses.replace(table, paired=[one])))
+    assert "+1.50 (one seed: no spread) (seed 0: +1.50; better in 1 of 1)" in text and "± 0.00" not in text
