@@ -208,6 +208,11 @@ def _pm(st: rs.Stat, n: int) -> str:
     return f"{st.mean:.2f}" if n == 1 else f"{st.mean:.2f} ± {st.std:.2f}"
 
 
+def paired_mean(d: rs.Paired) -> str:
+    """A paired difference's mean with its spread over seeds; one seed has none and says so."""
+    return f"{d.mean:+.2f} ± {d.std:.2f}" if len(d.diffs) > 1 else f"{d.mean:+.2f} (one seed: no spread)"
+
+
 def markdown(table: rs.Table) -> str:
     comparable = DATASETS.get(table.dataset, {}).get("paper")
     u = table.units
@@ -250,8 +255,7 @@ def markdown(table: rs.Table) -> str:
                 per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
                 pa, pb = (paper_row(comparable, labeled, v) for v in (d.a, d.b))
                 ptxt = f"; the paper: {_value(pa['dice']) - _value(pb['dice']):+.2f}" if pa and pb else ""
-                spread = f" ± {d.std:.2f}" if len(d.diffs) > 1 else " (one seed: no spread)"
-                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {d.mean:+.2f}{spread} "
+                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {paired_mean(d)} "
                              f"({per}; better in {d.wins} of {len(d.diffs)}){ptxt}")
             lines.append("")
     return "\n".join(lines)

@@ -145,7 +145,7 @@ def table_lines(table: rs.Table, ablation: bool = False) -> List[str]:
             for d in pairs:
                 per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
                 out.append(f"- {_cell(collect.LABELS[d.a].split(' (')[0])} − {_cell(collect.LABELS[d.b].split(' (')[0])}: "
-                           f"{d.mean:+.2f}{f' ± {d.std:.2f}' if len(d.diffs) > 1 else ' (one seed: no spread)'} "
+                           f"{collect.paired_mean(d)} "
                            f"({per}; better in {d.wins} of {len(d.diffs)})")
             out.append("")
     if not ablation and table.notes:
