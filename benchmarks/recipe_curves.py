@@ -12,7 +12,7 @@ Examples::
     python benchmarks/recipe_curves.py runs/sweep/* --out benchmarks/results/sweep --title "DACL sweep"
 
 DACL runs get a column with their objective's settings (max lambda_CL, reduction, pseudo-label
-policy, head weight, sampling budget, bank size).
+policy, head weight, sampling budget, bank size, and the autocast dtype where one is set).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 
 KEYS = ("method", "encoder", "size", "crop", "labeled_bs", "unlabeled_bs", "lr", "steps", "labeled", "seed",
         "threads", "lambda_cl", "reduction", "pseudo_policy", "pseudo_confidence", "head_weight",
-        "max_samples_per_class", "bank_size")
+        "max_samples_per_class", "bank_size", "amp")
 
 
 def dacl_settings(c: dict) -> str:
@@ -35,8 +35,9 @@ def dacl_settings(c: dict) -> str:
         return "-"
     policy = c.get("pseudo_policy")
     policy = f"{policy} {c.get('pseudo_confidence')}" if policy == "fixed" else policy
+    amp = f", {c['amp']} autocast" if c.get("amp") not in (None, "none") else ""
     return (f"λ {c.get('lambda_cl')} ({c.get('reduction')}), {policy}, head weight {c.get('head_weight') or 'λ'}, "
-            f"{c.get('max_samples_per_class')}/class, bank {c.get('bank_size')}")
+            f"{c.get('max_samples_per_class')}/class, bank {c.get('bank_size')}{amp}")
 
 
 def read_run(folder: Path) -> Optional[dict]:

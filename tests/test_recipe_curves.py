@@ -31,14 +31,19 @@ def test_curves_from_val_history(tmp_path):
                                                   "pseudo_policy": "class_prior", "head_weight": None,
                                                   "max_samples_per_class": 512, "bank_size": 1000}))
     (dacl / "val_history.json").write_text(json.dumps({"history": hist[:1]}))
-    runs = recipe_curves.main([str(run), str(empty), str(dacl), "--out", str(out), "--title", "DACL sweep"])
-    assert [r["name"] for r in runs] == ["A", "C"] and runs[0]["history"][1]["train_minutes"] == 10.0
+    bf16 = tmp_path / "runs" / "D"
+    bf16.mkdir()
+    (bf16 / "config.json").write_text(json.dumps({**json.loads((dacl / "config.json").read_text()), "amp": "bf16"}))
+    (bf16 / "val_history.json").write_text(json.dumps({"history": hist[:1]}))
+    runs = recipe_curves.main([str(run), str(empty), str(dacl), str(bf16), "--out", str(out), "--title", "DACL sweep"])
+    assert [r["name"] for r in runs] == ["A", "C", "D"] and runs[0]["history"][1]["train_minutes"] == 10.0
     md = (out / "curves.md").read_text()
     assert md.startswith("# DACL sweep: validation Dice")
     assert "| A | sup | - | basicunet | 256 / 128 | 4+0 | 0.01 | 1000 of 1000 | 70.0 % | 1000 | 10 |" in md
     assert ("| C | dacl | λ 0.3 (mean), class_prior, head weight λ, 512/class, bank 1000 | basicunet | 256 / 128 | "
             "4+4 | 0.01 | 500 of 1000 | 40.0 % | 500 | 5 |") in md
+    assert "| D | dacl | λ 0.3 (mean), class_prior, head weight λ, 512/class, bank 1000, bf16 autocast |" in md
     assert (out / "curves.png").stat().st_size > 0
     rows = json.loads((out / "table.json").read_text())["rows"]
     got = [(r["run"], r["best val Dice (%)"], r["last val Dice (%)"]) for r in rows]
-    assert got == [("A", 70.0, 70.0), ("C", 40.0, 40.0)]
+    assert got == [("A", 70.0, 70.0), ("C", 40.0, 40.0), ("D", 40.0, 40.0)]
