@@ -158,8 +158,11 @@ def paired_differences(rows: Sequence[rs.TableRow]) -> List[rs.Paired]:
 
 
 def collect(args) -> rs.Table:
-    rows = []
-    for labeled in args.labeled:
+    """Every run record under ``args.runs`` of this dataset and preset, whatever this call ran: all variants
+    and all label counts found (the ones asked for first), so running a subset (``--variants II --patients 7``)
+    never drops the other rows from the written table."""
+    spec, rows = DATASETS[args.dataset], []
+    for labeled in dict.fromkeys([*args.labeled, *spec["labeled"], *spec["labeled_choices"]]):
         for variant in VARIANTS:
             records = []
             for seed in sorted(set(args.seeds) | set(range(10))):
@@ -170,8 +173,18 @@ def collect(args) -> rs.Table:
                 rows.append(row_from_records(variant, records))
     notes = sorted({n for r in rows for n in [r.empty_convention] if n})
     return rs.Table(dataset=args.dataset, preset=args.preset, rows=rows, paired=paired_differences(rows),
-                    command="python benchmarks/collect.py " + " ".join(sys.argv[1:]),
+                    command=collect_command(args),
                     notes=[f"empty masks: {n}" for n in notes])
+
+
+def collect_command(args) -> str:
+    """The command that rewrites the table from the run folders alone (whatever ran to make them)."""
+    spec, cmd = DATASETS[args.dataset], ["python", "benchmarks/collect.py", args.dataset, "--collect-only"]
+    if args.preset != spec["preset"]:
+        cmd += ["--preset", args.preset]
+    if Path(args.runs).resolve() != (ROOT / spec["runs"]).resolve():
+        cmd += ["--runs", str(args.runs)]
+    return " ".join(cmd)
 
 
 # ----------------------------------------------------------------------------- the paper's numbers

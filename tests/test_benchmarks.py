@@ -60,6 +60,19 @@ def test_collect_acdc_from_run_folders(tmp_path):
         assert (out / "acdc_cpu_val_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_collect_of_a_subset_keeps_the_other_label_counts(tmp_path):
+    # running only Table 2's rows at 7 patients must not drop the 3-patient rows from the written table
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    for variant, method, labeled in (("cps", "cps", 3), ("dacl", "dacl", 3), ("II", "dacl", 7)):
+        _record(method, 0, 0.4, variant, labeled=labeled).save(
+            collect.run_dir(runs, "acdc", "cpu", variant, labeled, 0) / "metrics.json")
+    collect.main(["acdc", "--collect-only", "--variants", "II", "--runs", str(runs), "--results", str(out),
+                  "--patients", "7"])
+    table = rs.load_table(out / "acdc_cpu.json")
+    assert [(r.labeled, r.variant) for r in table.rows] == [(7, "II"), (3, "cps"), (3, "dacl")]
+    assert table.command == f"python benchmarks/collect.py acdc --collect-only --runs {runs}"
+
+
 def test_collect_writes_nothing_without_runs(tmp_path, capsys):
     collect.main(["chaos", "--collect-only", "--runs", str(tmp_path), "--results", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists() and "nothing written" in capsys.readouterr().out
