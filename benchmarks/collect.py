@@ -226,6 +226,12 @@ def paired_mean(d: rs.Paired) -> str:
     return f"{d.mean:+.2f} ± {d.std:.2f}" if len(d.diffs) > 1 else f"{d.mean:+.2f} (one seed: no spread)"
 
 
+def paired_text(d: rs.Paired) -> str:
+    """A paired difference as the tables print it: mean, spread, each seed's value and the win count."""
+    per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
+    return f"{paired_mean(d)} ({per}; better in {d.wins} of {len(d.diffs)})"
+
+
 def markdown(table: rs.Table) -> str:
     comparable = DATASETS.get(table.dataset, {}).get("paper")
     u = table.units
@@ -265,11 +271,9 @@ def markdown(table: rs.Table) -> str:
         if pairs:
             lines += ["Test Dice differences paired by seed (same split and initialisation):", ""]
             for d in pairs:
-                per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
                 pa, pb = (paper_row(comparable, labeled, v) for v in (d.a, d.b))
                 ptxt = f"; the paper: {_value(pa['dice']) - _value(pb['dice']):+.2f}" if pa and pb else ""
-                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {paired_mean(d)} "
-                             f"({per}; better in {d.wins} of {len(d.diffs)}){ptxt}")
+                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {paired_text(d)}{ptxt}")
             lines.append("")
     return "\n".join(lines)
 

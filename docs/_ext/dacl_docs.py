@@ -143,10 +143,8 @@ def table_lines(table: rs.Table, ablation: bool = False) -> List[str]:
         if pairs:
             out += ["Test Dice differences paired by seed (percentage points):", ""]
             for d in pairs:
-                per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
                 out.append(f"- {_cell(collect.LABELS[d.a].split(' (')[0])} − {_cell(collect.LABELS[d.b].split(' (')[0])}: "
-                           f"{collect.paired_mean(d)} "
-                           f"({per}; better in {d.wins} of {len(d.diffs)})")
+                           f"{collect.paired_text(d)}")
             out.append("")
     if not ablation and table.notes:
         out += [f"- {_cell(n)}" for n in table.notes] + [""]
