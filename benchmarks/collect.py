@@ -73,7 +73,7 @@ DATASETS = {
                   flags=lambda labeled, out: ["--dataset", "chaos", "--labeled", str(labeled), "--out", str(out),
                                               "--no-progress"],
                   labeled=[4], labeled_choices=[2, 4], variants=["cps", "dacl"], seeds=[0, 1], paper=None, threads=1,
-                  preset="quick"),
+                  preset="cpu"),
 }
 
 
@@ -333,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("dataset", choices=[*DATASETS, "render"], help="which example to run and collect; render: "
                    "write the .md of the table JSON files given as --tables")
     p.add_argument("tables", nargs="*", type=Path, help="render: table JSON files")
-    p.add_argument("--preset", default=None, help="default: acdc cpu, chaos quick")
+    p.add_argument("--preset", default=None, help="default: cpu (both datasets)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the dataset's")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: acdc 0 1 2, chaos 0 1")
     p.add_argument("--labeled", "--patients", nargs="+", type=int, default=None, dest="labeled",
