@@ -94,13 +94,14 @@ PRESETS: Dict[str, dict] = {
         patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), volume_budget=36 * 64 * 64, features=(8, 16, 32, 64), n_stages=4, lr=0.03,
         labeled_bs=2, unlabeled_bs=2, steps=3000, val_every=250, val_volumes=None, test_volumes=None,
         cross_rampup=160, embed_dim=32, hidden_dim=32, num_anchors=256, num_positives=512, num_negatives=512,
-        bank_size=1000, max_samples_per_class=1024, warmup_steps=100, val_overlap=0.5,
+        bank_size=1000, max_samples_per_class=1024, warmup_steps=100, val_overlap=0.5, pseudo_policy="class_prior",
         note="cpu: CHAOS-T2 in-plane downsampled 4x (64x64xZ, 5x5x7.7 mm) so a 16x64x64 patch holds whole "
              "slices, 4-stage PlainConvUNet (8-16-32-64 features), 2+2 patches, 3000 iterations (DACL warm-up 100 = "
              "1000/30000 scaled), lr 0.03 (poly) and lambda_cross ramped up over the first 160 iterations (Gaussian, "
              "as Eq. 1): with lr 0.01, or with lambda_cross = 1 from step 0, both models collapsed to predicting "
              "background only within the first 150-200 iterations (CPS reinforces the all-background argmax of "
              "untrained models); embedding D=32; paper DACL sizes otherwise (N_q=256, N_p=512, L=1000); "
+             "the 2D cpu preset's objective (lambda_CL 0.1, class_prior pseudo labels, heads at lambda_CL(t)); "
              "all 2 val / 6 test volumes; validation every 250 iterations."),
     "paper": dict(
         patch=(64, 128, 128), chaos_zoom=(1.0, 0.625, 0.625), volume_budget=None, features=(32, 64, 128, 256, 320), n_stages=5, lr=0.01,
