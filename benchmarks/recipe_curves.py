@@ -26,7 +26,21 @@ from typing import List, Optional, Sequence
 
 KEYS = ("method", "encoder", "size", "crop", "labeled_bs", "unlabeled_bs", "lr", "steps", "labeled", "seed",
         "threads", "lambda_cl", "reduction", "pseudo_policy", "pseudo_confidence", "head_weight",
-        "max_samples_per_class", "bank_size", "amp")
+        "max_samples_per_class", "bank_size", "amp", "patch", "features")
+
+
+def network(c: dict) -> str:
+    """The network cell: the 2D example's encoder, or the 3D example's U-Net features per stage."""
+    if c.get("encoder"):
+        return str(c["encoder"])
+    return f"PlainConvUNet {'-'.join(map(str, c['features']))}" if c.get("features") else "-"
+
+
+def input_size(c: dict) -> str:
+    """The input cell: the 2D example's size / crop, or the 3D example's patch."""
+    if c.get("patch"):
+        return "patch " + "x".join(map(str, c["patch"]))
+    return f"{c.get('size')} / {c.get('crop') or '-'}"
 
 
 def dacl_settings(c: dict) -> str:
@@ -66,14 +80,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (others are skipped)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="Recipe search", help="the table's and the figure's title")
+    p.add_argument("--target", type=float, default=75.0, help="a dashed line at this validation Dice (%%) in the figure")
     args = p.parse_args(argv)
     runs = [r for r in (read_run(f) for f in args.runs if f.is_dir()) if r]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curves.json").write_text(json.dumps(runs, indent=1))
-    lines = [f"# {args.title}: validation Dice (mean of RV, Myo, LV; 3D, on the val volumes) by training time",
-             "", "Validation split only; the test split was not read. Training minutes exclude validation, on",
+    classes = list(dict.fromkeys(k for r in runs for h in r["history"] for k in h["per_class"]))  # first-seen order
+    mean_of = f"mean of {', '.join(classes)}" if classes else "mean over the foreground classes"
+    lines = [f"# {args.title}: validation Dice ({mean_of}; 3D, on the val volumes) by training time",
+             "", "Validation split only: no test result is read. Training minutes exclude validation, on",
              "one thread of a 2-core machine shared with other jobs (so absolute minutes are noisy).", "",
-             "| run | method | DACL settings | network | size / crop | batch | lr | steps done | best val Dice "
+             "| run | method | DACL settings | network | input | batch | lr | steps done | best val Dice "
              "| at step | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for r in runs:
@@ -85,8 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
                      "best val Dice (%)": round(100 * best["val_dice"], 1),
                      "at step": best["step"], "last val Dice (%)": round(100 * h[-1]["val_dice"], 1),
                      "training minutes": round(h[-1]["train_minutes"])})
-        lines.append(f"| {r['name']} | {c['method']} | {dacl_settings(c)} | {c['encoder']} | "
-                     f"{c['size']} / {c['crop'] or '-'} | "
+        lines.append(f"| {r['name']} | {c['method']} | {dacl_settings(c)} | {network(c)} | {input_size(c)} | "
                      f"{c['labeled_bs']}+{c['unlabeled_bs'] if c['method'] != 'sup' else 0} | {c['lr']} | "
                      f"{h[-1]['step']} of {c['steps']}{'' if r['finished'] else ' (running or stopped)'} | "
                      f"{100 * best['val_dice']:.1f} % | {best['step']} | {h[-1]['train_minutes']:.0f} |")
@@ -105,10 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     for r in runs:
         h = r["history"]
         ax.plot([x["train_minutes"] for x in h], [100 * x["val_dice"] for x in h], marker="o", label=r["name"])
-    ax.axhline(75, color="gray", ls="--", lw=0.8)
+    ax.axhline(args.target, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("training minutes (one thread, validation excluded)")
     ax.set_ylabel("validation Dice (%)")
-    ax.set_title(f"ACDC, 7 labeled patients: {args.title}")
+    ax.set_title(args.title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "curves.png", dpi=110)
