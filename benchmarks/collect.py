@@ -280,7 +280,7 @@ def markdown(table: rs.Table) -> str:
 
 # ----------------------------------------------------------------------------- figures
 def write_figures(table: rs.Table, args) -> None:
-    """Test slices (ground truth and each method's prediction, lowest seed; 2D) and the validation curves."""
+    """Test slices (ground truth and each method's prediction, lowest seed; the legend names the dataset's classes) and the validation curves."""
     try:
         import matplotlib
 
@@ -296,7 +296,9 @@ def write_figures(table: rs.Table, args) -> None:
     if any(f.is_file() for _, f in slices):
         from acdc_plot import load_slices, render  # type: ignore
 
-        render([(v, load_slices(f)) for v, f in slices if f.is_file()], Path(f"{stem}_overlays.png"))
+        classes = next((list(r.per_class["dice"]) for r in table.rows if r.per_class.get("dice")), None)
+        render([(v, load_slices(f)) for v, f in slices if f.is_file()], Path(f"{stem}_overlays.png"),
+               class_names=["background", *classes] if classes else None)  # the dataset's legend
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for variant in VARIANTS:  # mean over the seeds found, band from the lowest to the highest seed
         curves = []
