@@ -73,6 +73,24 @@ def test_collect_of_a_subset_keeps_the_other_label_counts(tmp_path):
     assert table.command == f"python benchmarks/collect.py acdc --collect-only --runs {runs}"
 
 
+def test_collect_figure_legend_names_the_tables_classes(tmp_path, monkeypatch):
+    # the overlay figure of a CHAOS table must not carry ACDC's RV / Myo / LV legend
+    pytest.importorskip("matplotlib")
+    import acdc_plot
+
+    runs, out, seen = tmp_path / "runs", tmp_path / "results", {}
+    rec = _record("cps", 0, 0.5, "cps", dataset="chaos", labeled=4)
+    rec.test = rs.TestResult.from_cases(["liver", "spleen"], {"c0": {m: [0.5, 0.6] for m in rs.METRICS}}, empty_cases=0)
+    d = collect.run_dir(runs, "chaos", "cpu", "cps", 4, 0)
+    rec.save(d / "metrics.json")
+    slices = {"c0_z0": {"image": acdc_plot.np.zeros((4, 4), "float32"), "label": acdc_plot.np.zeros((4, 4), "uint8"),
+                        "pred": acdc_plot.np.zeros((4, 4), "uint8")}}
+    acdc_plot.save_slices(d / "test_slices.npz", slices)
+    monkeypatch.setattr(acdc_plot, "render", lambda runs_, path, class_names=None: seen.setdefault("names", class_names))
+    collect.main(["chaos", "--collect-only", "--runs", str(runs), "--results", str(out)])
+    assert seen["names"] == ["background", "liver", "spleen"]
+
+
 def test_collect_writes_nothing_without_runs(tmp_path, capsys):
     collect.main(["chaos", "--collect-only", "--runs", str(tmp_path), "--results", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists() and "nothing written" in capsys.readouterr().out
@@ -89,7 +107,7 @@ def test_paper_numbers_come_from_one_file():
     assert not (ROOT / "docs" / "paper_numbers.json").exists()
 
 
-@pytest.mark.parametrize("name", ["acdc_quick", "chaos_quick"])
+@pytest.mark.parametrize("name", ["acdc_quick", "chaos_quick", "acdc_cpu", "chaos_cpu"])
 def test_committed_tables_are_in_the_schema_and_their_markdown_is_generated(name):
     table = rs.load_table(ROOT / "benchmarks" / "results" / f"{name}.json")
     assert table.rows and all(set(rs.METRICS) <= set(r.metrics) for r in table.rows)
