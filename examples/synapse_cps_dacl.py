@@ -36,8 +36,9 @@ Datasets (``--dataset``):
 * ``dhc_npy``: DHC's preprocessed ``npy/XXXX_image.npy`` layout, same split.
 
 Presets: ``smoke`` (12 s measured on a 2-core CPU, for CI), ``cpu`` (CHAOS-T2 at 4x in-plane
-downsampling, 3000 iterations; see its note for the time measured on one CPU thread), ``paper`` (the DHC protocol: patch 64x128x128, 2 + 2
-patches, 30k iterations; a GPU). Every preset value can be overridden on the command line.
+downsampling, 3000 iterations: 28-29 training minutes for CPS and 51-53 for DACL measured on
+one thread of that CPU, two runs side by side), ``paper`` (the DHC protocol: patch 64x128x128,
+2 + 2 patches, 30k iterations; a GPU). Every preset value can be overridden on the command line.
 
 Examples::
 
