@@ -106,12 +106,12 @@ def test_results_table_renders_as_list_tables():
     ext = _ext()
     table = ext.rs.load_table(ROOT / "benchmarks" / "results" / "acdc_quick.json")
     tree = publish_doctree("\n".join(ext.table_lines(table)), settings_overrides={"report_level": 2, "halt_level": 2})
-    tables = [n for n in tree.traverse() if n.tagname == "table"]
+    tables = [n for n in tree.findall() if n.tagname == "table"]
     assert len(tables) == 2  # 7 and 3 labeled patients
     text = tree.astext()
     assert "90.91 ± 0.5" in text and "42.46 ± 3.43" in text and "better in 1 of 3" in text
     ablation = publish_doctree("\n".join(ext.table_lines(table, ablation=True)))
-    assert len([n for n in ablation.traverse() if n.tagname == "table"]) == 1 and "89.80 ± 0.5" in ablation.astext()
+    assert len([n for n in ablation.findall() if n.tagname == "table"]) == 1 and "89.80 ± 0.5" in ablation.astext()
 
 
 def test_cli_table_comes_from_the_parser():
