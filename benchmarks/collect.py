@@ -232,6 +232,11 @@ def paired_text(d: rs.Paired) -> str:
     return f"{paired_mean(d)} ({per}; better in {d.wins} of {len(d.diffs)})"
 
 
+def class_names(rows: Sequence[rs.TableRow]) -> List[str]:
+    """The foreground classes of these rows (those with a per-class Dice), in first-seen order."""
+    return list(dict.fromkeys(c for r in rows for c in r.per_class.get("dice", {})))
+
+
 def markdown(table: rs.Table) -> str:
     comparable = DATASETS.get(table.dataset, {}).get("paper")
     u = table.units
@@ -247,7 +252,7 @@ def markdown(table: rs.Table) -> str:
     lines += [f"- {n}" for n in table.notes] + ([""] if table.notes else [])
     for labeled in sorted({r.labeled for r in table.rows}, reverse=True):
         rows = [r for r in table.rows if r.labeled == labeled]
-        classes = list(dict.fromkeys(c for r in rows for c in r.per_class.get("dice", {})))
+        classes = class_names(rows)
         minutes = any(r.train_seconds for r in rows)  # tables collected before train_seconds: wall seconds
         head = ["method", "seeds", "test cases", "train (min)" if minutes else "wall (s)",
                 *(NAMES[m] for m in metrics), *(f"{c} Dice" for c in classes)]
@@ -280,7 +285,8 @@ def markdown(table: rs.Table) -> str:
 
 # ----------------------------------------------------------------------------- figures
 def write_figures(table: rs.Table, args) -> None:
-    """Test slices (ground truth and each method's prediction, lowest seed; the legend names the dataset's classes) and the validation curves."""
+    """Test slices (ground truth and each method's prediction, lowest seed; the legend names the
+    table's classes) and the validation curves."""
     try:
         import matplotlib
 
@@ -296,7 +302,7 @@ def write_figures(table: rs.Table, args) -> None:
     if any(f.is_file() for _, f in slices):
         from acdc_plot import load_slices, render  # type: ignore
 
-        classes = next((list(r.per_class["dice"]) for r in table.rows if r.per_class.get("dice")), None)
+        classes = class_names(table.rows)
         render([(v, load_slices(f)) for v, f in slices if f.is_file()], Path(f"{stem}_overlays.png"),
                class_names=["background", *classes] if classes else None)  # the dataset's legend
     fig, ax = plt.subplots(figsize=(6.5, 4.2))

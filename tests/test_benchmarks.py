@@ -77,14 +77,15 @@ def test_collect_figure_legend_names_the_tables_classes(tmp_path, monkeypatch):
     # the overlay figure of a CHAOS table must not carry ACDC's RV / Myo / LV legend
     pytest.importorskip("matplotlib")
     import acdc_plot
+    import numpy as np
 
     runs, out, seen = tmp_path / "runs", tmp_path / "results", {}
     rec = _record("cps", 0, 0.5, "cps", dataset="chaos", labeled=4)
     rec.test = rs.TestResult.from_cases(["liver", "spleen"], {"c0": {m: [0.5, 0.6] for m in rs.METRICS}}, empty_cases=0)
     d = collect.run_dir(runs, "chaos", "cpu", "cps", 4, 0)
     rec.save(d / "metrics.json")
-    slices = {"c0_z0": {"image": acdc_plot.np.zeros((4, 4), "float32"), "label": acdc_plot.np.zeros((4, 4), "uint8"),
-                        "pred": acdc_plot.np.zeros((4, 4), "uint8")}}
+    slices = {"c0_z0": {"image": np.zeros((4, 4), "float32"), "label": np.zeros((4, 4), "uint8"),
+                        "pred": np.zeros((4, 4), "uint8")}}
     acdc_plot.save_slices(d / "test_slices.npz", slices)
     monkeypatch.setattr(acdc_plot, "render", lambda runs_, path, class_names=None: seen.setdefault("names", class_names))
     collect.main(["chaos", "--collect-only", "--runs", str(runs), "--results", str(out)])
