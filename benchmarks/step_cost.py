@@ -1,6 +1,8 @@
-"""What DACL adds to a real training step: the ACDC example's ``cpu`` preset, measured side by side.
+"""What DACL adds to a real training step: an example's ``cpu`` preset, measured side by side.
 
-For each variant the script builds the example's own run (data, the two U-Nets, the library's
+``--example acdc`` (the default) times the 2D ACDC example (7 labeled patients), ``--example
+chaos`` the 3D CHAOS-T2 example (``synapse_cps_dacl.py --dataset chaos``, 4 labeled volumes).
+For each variant the script builds the example's own run (data, the two networks, the library's
 :class:`torch_dacl.DACLObjective`, SGD) through ``examples/engine.py`` and times whole
 training steps (``Run.train_step``: forward, Eq. 1, backward, optimiser step). The variants run
 in interleaved rounds, so that a noisy shared machine slows them alike, and the table reports
@@ -17,13 +19,20 @@ the fixed-threshold pseudo labels, with a smaller sampling budget (``--max-sampl
 and bank; both in bfloat16 autocast (``--amp bf16``; this CPU
 has AVX512-BF16 where ``lscpu`` lists ``avx512_bf16``).
 
+Where the time goes (``--profile-steps N``, default 5; 0: off): after the timed rounds,
+``torch.profiler`` records N more steps of each variant. The table ``stages`` gives the
+milliseconds per step in each stage of ``engine.Run.train_step`` (forward of both networks and,
+with DACL, the projection heads; the supervised loss; the objective; backward; optimiser), and
+``ops`` the operators whose self time per step grew most from CPS to DACL.
+
 Usage::
 
-    python benchmarks/step_cost.py                 # the cpu preset, 1 thread (~6 minutes)
+    python benchmarks/step_cost.py                 # ACDC, the cpu preset, 1 thread (~10 minutes)
+    python benchmarks/step_cost.py --example chaos # CHAOS-T2 (3D), the cpu preset, 1 thread
     python benchmarks/step_cost.py --quick         # the smoke preset, 2 steps (a pipeline check)
 
-Writes ``benchmarks/results/step_cost.json`` (``--quick``: ``step_cost_quick.json``) and prints a
-Markdown table. Nothing here is asserted; compare the ratios, not absolute times.
+Writes ``benchmarks/results/step_cost.json`` (``--example chaos``: ``step_cost_chaos.json``;
+``--quick``: ``step_cost[_chaos]_quick.json``) and prints Markdown tables. Nothing here is asserted; compare the ratios, not absolute times.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import torch  # noqa: E402
 
 import acdc_cps_dacl  # noqa: E402
 import engine  # noqa: E402
+import synapse_cps_dacl  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # name: the example's flags on top of the preset
@@ -62,17 +72,28 @@ VARIANTS = {
 }
 
 
+# the example: its task, the flags every variant shares, and the variants it runs by default
+EXAMPLES = {
+    "acdc": dict(task=acdc_cps_dacl.TASK, argv=["--labeled", "7"], what="the ACDC example (7 labeled patients)",
+                 variants=list(VARIANTS)),
+    "chaos": dict(task=synapse_cps_dacl.TASK, argv=["--dataset", "chaos", "--labeled", "4"],
+                  what="the CHAOS-T2 3D example (4 labeled volumes)",
+                  variants=["cps", "dacl", "dacl, fixed 0.95", "dacl, 512 samples/class",
+                            "dacl, 512 samples/class, bank 500"]),
+}
+STAGES = ("forward", "sup_loss", "objective", "backward", "optimizer")  # engine.Run.train_step's record_function names
+
 SETTINGS = ("method", "pseudo_policy", "max_samples_per_class", "bank_size", "amp")  # recorded per row
 
 
 class Timed:
     """One variant: the example's run, its batch stream, and the times measured so far."""
 
-    def __init__(self, name: str, argv: list, workdir: Path) -> None:
-        cfg = acdc_cps_dacl.make_config(argv)
+    def __init__(self, name: str, task, argv: list, workdir: Path) -> None:
+        cfg = engine.make_config(task, argv)
         run_dir = workdir / name.replace(" ", "_").replace(",", "").replace("/", "-")
         run_dir.mkdir(parents=True)
-        self.name, self.run = name, engine.Run(acdc_cps_dacl.TASK, cfg, run_dir)
+        self.name, self.run = name, engine.Run(task, cfg, run_dir)
         self.run.wrapper.train()
         self.batches = iter(self.run.data.batches(0, self.run.lbs, self.run.ubs))
         self.step_s: list = []
@@ -111,30 +132,56 @@ class Timed:
         res.loss.backward()
         return time.perf_counter() - t0
 
+    def profile(self, steps: int) -> tuple:
+        """``steps`` more steps under ``torch.profiler``: (ms per step in each stage of
+        ``train_step``, {operator: self ms per step})."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                self.step(record=False)
+        events = prof.key_averages()
+        total = {e.key: e.cpu_time_total / 1e3 / steps for e in events}
+        stages = {k: total.get(f"step.{k}", 0.0) for k in STAGES}
+        ops = {e.key: e.self_cpu_time_total / 1e3 / steps for e in events if not e.key.startswith("step.")}
+        return stages, ops
+
+
+def op_growth(ops: dict, unit: dict, top: int) -> list:
+    """The operators whose self time per step grew most from ``unit`` (CPS) to ``ops``."""
+    rows = [{"op": k, "cps_ms": unit.get(k, 0.0), "ms": v, "added_ms": v - unit.get(k, 0.0)} for k, v in ops.items()]
+    return sorted(rows, key=lambda r: -r["added_ms"])[:top]
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="cpu", help="the ACDC example's preset")
+    p.add_argument("--example", choices=list(EXAMPLES), default="acdc", help="which example's step")
+    p.add_argument("--preset", default="cpu", help="the example's preset")
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the preset's runs use 1)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
-                   help="which variants, by name (quoted); 'cps' is the unit of the ratios")
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="NAME",
+                   help="which variants, by name (quoted; default: the example's list); 'cps' is the unit of the ratios")
+    p.add_argument("--profile-steps", type=int, default=5, help="profiled steps per variant after the timing (0: none)")
+    p.add_argument("--top-ops", type=int, default=10, help="operators listed per variant in the profile")
     p.add_argument("--quick", action="store_true", help="smoke preset, 2 steps, 1 round, cps and dacl")
     p.add_argument("--data-root", default=None, help="the examples' --data-root (default: their lookup)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
+    ex = EXAMPLES[args.example]
     if args.quick:
         args.preset, args.steps, args.rounds, args.warmup, args.variants = "smoke", 2, 1, 1, ["cps", "dacl"]
+        args.profile_steps = min(args.profile_steps, 1)
+    args.variants = args.variants or ex["variants"]
     args.variants = list(dict.fromkeys(["cps", *args.variants]))  # the unit first, each variant once
     torch.set_num_threads(args.threads)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        common = ["--preset", args.preset, "--labeled", "7", "--seed", "0", "--threads", str(args.threads),
+        common = ["--preset", args.preset, *ex["argv"], "--seed", "0", "--threads", str(args.threads),
                   "--no-progress", "--no-test", *(["--data-root", args.data_root] if args.data_root else [])]
-        runs = [Timed(name, common + VARIANTS[name], Path(tmp)) for name in args.variants]
+        runs = [Timed(name, ex["task"], common + VARIANTS[name], Path(tmp)) for name in args.variants]
         for r in runs:
             for _ in range(args.warmup):
                 r.step(record=False)
@@ -142,6 +189,7 @@ def main() -> None:
             for r in runs:
                 for _ in range(args.steps):
                     r.step(record=True)
+        profiles = {r.name: r.profile(args.profile_steps) for r in runs} if args.profile_steps > 0 else {}
     med = {r.name: (statistics.median(r.step_s), statistics.median(r.objective_s)) for r in runs}
     unit = med["cps"][0]
     rows = [{"variant": name, "argv": VARIANTS[name], "settings": {k: r.run.cfg[k] for k in SETTINGS},
@@ -152,16 +200,33 @@ def main() -> None:
     lines += [f"| {r['variant']} | {r['step_s']:.3f} | {r['step_ratio_to_cps']:.2f} | {r['objective_s']:.3f} | "
               f"{100 * r['objective_share_of_step']:.0f} % |" for r in rows]
     print("\n".join(lines))
+    stages, ops = [], {}
+    if profiles:
+        unit_ops = profiles["cps"][1]
+        stages = [{"variant": name, **{f"{k}_ms": v for k, v in st.items()}, "sum_ms": sum(st.values())}
+                  for name, (st, _) in profiles.items()]
+        ops = {name: op_growth(o, unit_ops, args.top_ops) for name, (_, o) in profiles.items() if name != "cps"}
+        slines = ["| variant | " + " | ".join(STAGES) + " | sum (ms per step, profiled) |",
+                  "|---|" + "---|" * (len(STAGES) + 1)]
+        slines += [f"| {r['variant']} | " + " | ".join(f"{r[k + '_ms']:.0f}" for k in STAGES) + f" | {r['sum_ms']:.0f} |"
+                   for r in stages]
+        print("\n" + "\n".join(slines))
+        for name, rows_ in ops.items():
+            print(f"\nself time per step, grown most from cps to {name!r} (ms):")
+            print("\n".join(f"  {r['op']}: {r['cps_ms']:.1f} -> {r['ms']:.1f} (+{r['added_ms']:.1f})" for r in rows_))
     cmd = shlex.join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
-    out = args.output or RESULTS / ("step_cost_quick.json" if args.quick else "step_cost.json")
+    stem = "step_cost" + ("" if args.example == "acdc" else f"_{args.example}")
+    out = args.output or RESULTS / (f"{stem}_quick.json" if args.quick else f"{stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "what": f"whole training steps of the ACDC example's {args.preset!r} preset (7 labeled patients, seed 0), "
+        "what": f"whole training steps of {ex['what']}, its {args.preset!r} preset, seed 0, "
                 f"medians of {args.rounds} interleaved rounds x {args.steps} steps per variant; 'objective' is "
                 "DACLObjective alone (forward + backward) on the step's detached logits and embeddings",
         "command": cmd, "threads": args.threads, "torch": torch.__version__, "machine": platform.processor()
         or platform.machine(), "cpu_count": os.cpu_count(), "seconds": round(time.time() - t_start, 1),
-        "rows": rows, "table": "\n".join(lines)}, indent=1))
+        "rows": rows, "table": "\n".join(lines),
+        **({"profiled_steps": args.profile_steps, "stages": stages, "ops_grown_most": ops} if profiles else {})},
+        indent=1))
     print(f"wrote {out}")
 
 

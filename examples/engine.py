@@ -47,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.profiler import record_function  # noqa: E402  (train_step's stages, named for a profiler)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist  # noqa: E402
@@ -418,18 +419,21 @@ class Run:
         lr = poly_lr(cfg["lr"], self.step, cfg["steps"], cfg["poly_power"])
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with record_function("step.forward"), \
+                torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.net(x)
-        la, lb = out.logits_a.float(), out.logits_b.float()
-        l_sup = self.task.sup_loss(la[:lbs], y[:lbs]) + self.task.sup_loss(lb[:lbs], y[:lbs])
+        with record_function("step.sup_loss"):
+            la, lb = out.logits_a.float(), out.logits_b.float()
+            l_sup = self.task.sup_loss(la[:lbs], y[:lbs]) + self.task.sup_loss(lb[:lbs], y[:lbs])
         loss, logs, diag, step = l_sup, {"sup": l_sup}, None, self.step + 1
         if cfg["method"] != "sup":
             if cfg["cross_rampup"]:  # a Gaussian ramp-up of lambda_cross (the 3D quick preset)
                 self.objective.lambda_cross = gaussian_rampup(self.step, cfg["cross_rampup"],
                                                               max_weight=cfg["lambda_cross"], warmup_steps=0)
             labeled = torch.arange(x.shape[0], device=self.device) < lbs
-            res = self.objective(la, lb, getattr(out, "embeddings_a", None), getattr(out, "embeddings_b", None),
-                                 y, labeled)
+            with record_function("step.objective"):
+                res = self.objective(la, lb, getattr(out, "embeddings_a", None), getattr(out, "embeddings_b", None),
+                                     y, labeled)
             loss, logs["cross"] = loss + res.loss, res.cross
             if cfg["method"] == "dacl":
                 logs["cl"] = res.cl_a + res.cl_b
@@ -441,9 +445,11 @@ class Run:
                                                self.shared_params))
         lam = self.objective.lambda_cl
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        with record_function("step.backward"):
+            self.scaler.scale(loss).backward()
+        with record_function("step.optimizer"):
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.objective.step()
         self.step = step
         logs["loss"] = loss

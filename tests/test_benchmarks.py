@@ -128,16 +128,29 @@ def test_cli_keeps_the_old_commands():
 
 
 @pytest.mark.slow
-def test_step_cost_quick_writes_json(tmp_path, acdc_dir):
-    """benchmarks/step_cost.py times the example's real steps (smoke preset) and writes its table."""
+@pytest.mark.parametrize("example", ["acdc", "chaos"])
+def test_step_cost_quick_writes_json(tmp_path, request, example):
+    """benchmarks/step_cost.py times the example's real steps (smoke preset), profiles where the
+    time goes, and writes its tables."""
+    data_dir = request.getfixturevalue(f"{example}_dir")
     out = tmp_path / "step.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--quick", "--data-root",
-                    str(acdc_dir.parent), "--output", str(out)], check=True, cwd=ROOT, timeout=600)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--quick", "--example", example,
+                    "--data-root", str(data_dir.parent), "--output", str(out)], check=True, cwd=ROOT, timeout=600)
     data = json.loads(out.read_text())
     assert [r["variant"] for r in data["rows"]] == ["cps", "dacl"] and data["rows"][0]["step_ratio_to_cps"] == 1.0
     assert all(r["step_s"] > 0 and r["timed_steps"] == 2 for r in data["rows"])
     assert data["rows"][1]["objective_s"] > data["rows"][0]["objective_s"] > 0  # DACL's losses on top of CPS
     assert "--quick" in data["command"] and "| dacl |" in data["table"]
+    assert ("CHAOS-T2" in data["what"]) == (example == "chaos")
+    # the profile: every stage of train_step was seen, and DACL's objective costs more than CPS's
+    stages = {r["variant"]: r for r in data["stages"]}
+    assert set(stages) == {"cps", "dacl"} and data["profiled_steps"] == 1
+    for r in stages.values():
+        assert all(r[f"{k}_ms"] > 0 for k in ("forward", "sup_loss", "objective", "backward", "optimizer"))
+    assert stages["dacl"]["objective_ms"] > stages["cps"]["objective_ms"]
+    grown = data["ops_grown_most"]["dacl"]
+    assert grown and all(g["added_ms"] == pytest.approx(g["ms"] - g["cps_ms"]) for g in grown)
+    assert [g["added_ms"] for g in grown] == sorted((g["added_ms"] for g in grown), reverse=True)
 
 
 @pytest.mark.slow
