@@ -23,16 +23,18 @@ Where the time goes (``--profile-steps N``, default 5; 0: off): after the timed 
 ``torch.profiler`` records N more steps of each variant. The table ``stages`` gives the
 milliseconds per step in each stage of ``engine.Run.train_step`` (forward of both networks and,
 with DACL, the projection heads; the supervised loss; the objective; backward; optimiser), and
-``ops`` the operators whose self time per step grew most from CPS to DACL.
+``ops_grown_most`` the operators whose self time per step grew most from CPS to each DACL
+variant. The profiler's own overhead inflates these times: read them as shares.
 
 Usage::
 
     python benchmarks/step_cost.py                 # ACDC, the cpu preset, 1 thread (~10 minutes)
-    python benchmarks/step_cost.py --example chaos # CHAOS-T2 (3D), the cpu preset, 1 thread
+    python benchmarks/step_cost.py --example chaos # CHAOS-T2 (3D), the cpu preset, 1 thread (~8 minutes)
     python benchmarks/step_cost.py --quick         # the smoke preset, 2 steps (a pipeline check)
 
 Writes ``benchmarks/results/step_cost.json`` (``--example chaos``: ``step_cost_chaos.json``;
-``--quick``: ``step_cost[_chaos]_quick.json``) and prints Markdown tables. Nothing here is asserted; compare the ratios, not absolute times.
+``--quick``: ``step_cost[_chaos]_quick.json``) and prints Markdown tables. Nothing here is
+asserted; compare the ratios, not absolute times.
 """
 
 from __future__ import annotations
