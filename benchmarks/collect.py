@@ -59,7 +59,8 @@ VARIANTS: Dict[str, List[str]] = {"sup": ["--method", "sup"], "cps": ["--method"
 LABELS = {"sup": "supervised only", "cps": "CPS (Table 2 I)", "II": "II: + plain contrastive",
           "III": "III: + density-aware, single scale", "IV": "IV: + multi-scale", "V": "V: + memory bank",
           "dacl": "DACL (Table 2 VI: + w_i)"}
-PAIRS = (("dacl", "cps"), ("cps", "sup"))
+# (a, b): a's test Dice minus b's, paired by seed; Table 2's ablation rows each against CPS (its row I)
+PAIRS = (("dacl", "cps"), ("cps", "sup"), *((row, "cps") for row in ("II", "III", "IV", "V")))
 NAMES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95", "asd": "ASD"}
 
 # Per dataset: the example, the run folders, the flags that set labeled count / output / threads,
@@ -142,8 +143,9 @@ def _train_seconds(r: rs.RunRecord) -> Optional[float]:
 
 
 def paired_differences(rows: Sequence[rs.TableRow]) -> List[rs.Paired]:
-    """Test Dice of DACL minus CPS and of CPS minus supervised, paired by seed (the seeds share the
-    split and the initialisation, so the paired difference is the fairer comparison)."""
+    """Test Dice of DACL minus CPS, of CPS minus supervised and of each of Table 2's rows II-V minus
+    CPS, paired by seed (the seeds share the split and the initialisation, so the paired
+    difference is the fairer comparison)."""
     out = []
     for labeled in sorted({r.labeled for r in rows}, reverse=True):
         by = {r.variant: r.metrics["dice"].per_seed for r in rows if r.labeled == labeled}
