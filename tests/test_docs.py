@@ -112,6 +112,14 @@ def test_results_table_renders_as_list_tables():
     assert "90.91 ± 0.5" in text and "42.46 ± 3.43" in text and "better in 1 of 3" in text
     ablation = publish_doctree("\n".join(ext.table_lines(table, ablation=True)))
     assert len([n for n in ablation.findall() if n.tagname == "table"]) == 1 and "89.80 ± 0.5" in ablation.astext()
+    # the ablation rows beside CPS: their paired difference, as stored in the table
+    cpu = ext.rs.load_table(ROOT / "benchmarks" / "results" / "acdc_cpu.json")
+    pair = next(d for d in cpu.paired if (d.a, d.b, d.labeled) == ("III", "cps", 7))
+    rows = [r for r in publish_doctree("\n".join(ext.table_lines(cpu, ablation=True))).findall()
+            if r.tagname == "row"]
+    cells = {r.astext().split("\n")[0]: r.astext().split("\n\n") for r in rows}
+    assert cells["Table 2 row"][3] == "− CPS, paired by seed"
+    assert cells["III: + density-aware, single scale"][3] == ext.collect.paired_mean(pair) != "–"
 
 
 def test_cli_table_comes_from_the_parser():

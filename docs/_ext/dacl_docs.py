@@ -7,7 +7,8 @@ reStructuredText (``list-table``, ``literal-block``), parsed as if it were in th
     A results table (:class:`results_schema.Table`, written by ``benchmarks/collect.py``): one
     table per labeled count, mean ± std over seeds, the paper's numbers beside it (from
     ``benchmarks/paper_numbers.json``, through ``collect.paper_row``), the differences paired
-    by seed and the table's notes. ``:ablation:``: only Table 2's rows, our Dice beside the paper's.
+    by seed and the table's notes. ``:ablation:``: only Table 2's rows, our Dice and its
+    difference to CPS (paired by seed) beside the paper's.
 ``.. dacl-paper-table:: table1-acdc|table1-synapse|table2``
     A table of ``benchmarks/paper_numbers.json`` (the paper's numbers, transcribed).
 ``.. dacl-json:: <file> [key ...]``
@@ -118,11 +119,12 @@ def table_lines(table: rs.Table, ablation: bool = False) -> List[str]:
             paper = collect.paper()
             if comparable is None or paper["settings"][comparable].get(paper["methods"]["table2_setting"]) != labeled:
                 continue  # Table 2 is at one labeled fraction only
+            vs_cps = {d.a: collect.paired_mean(d) for d in table.paired if d.labeled == labeled and d.b == "cps"}
             body = [[collect.LABELS.get(r.variant, r.variant), len(r.seeds), _pm(r.metrics["dice"], len(r.seeds)),
-                     (collect.paper_row(comparable, labeled, r.variant) or {}).get("dice", "–")]
+                     vs_cps.get(r.variant, "–"), (collect.paper_row(comparable, labeled, r.variant) or {}).get("dice", "–")]
                     for r in rows if r.variant in paper["methods"]["table2"]]
-            if body and any(b[3] != "–" for b in body):
-                out += list_table(["Table 2 row", "seeds", "Dice (%)", "paper Dice (%)"], body,
+            if body and any(b[4] != "–" for b in body):
+                out += list_table(["Table 2 row", "seeds", "Dice (%)", "− CPS, paired by seed", "paper Dice (%)"], body,
                                   f"{table.dataset.upper()} {table.preset}, {labeled} labeled {unit}: Table 2's rows")
             continue
         head = ["method", "seeds", "test cases", *(f"{collect.NAMES[m]} ({u[m]})" for m in metrics)]
