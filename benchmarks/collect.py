@@ -60,7 +60,8 @@ LABELS = {"sup": "supervised only", "cps": "CPS (Table 2 I)", "II": "II: + plain
           "III": "III: + density-aware, single scale", "IV": "IV: + multi-scale", "V": "V: + memory bank",
           "dacl": "DACL (Table 2 VI: + w_i)"}
 # (a, b): a's test Dice minus b's, paired by seed; Table 2's ablation rows each against CPS (its row I)
-PAIRS = (("dacl", "cps"), ("cps", "sup"), *((row, "cps") for row in ("II", "III", "IV", "V")))
+# (a, b): a − b paired by seed. Table 2's rows against CPS, and its last step: V → VI (the soft weights w_i).
+PAIRS = (("dacl", "cps"), ("cps", "sup"), *((row, "cps") for row in ("II", "III", "IV", "V")), ("dacl", "V"))
 NAMES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95", "asd": "ASD"}
 
 # Per dataset: the example, the run folders, the flags that set labeled count / output / threads,
@@ -228,6 +229,11 @@ def paired_mean(d: rs.Paired) -> str:
     return f"{d.mean:+.2f} ± {d.std:.2f}" if len(d.diffs) > 1 else f"{d.mean:+.2f} (one seed: no spread)"
 
 
+def pair_name(d: rs.Paired) -> str:
+    """``"a − b"`` with the rows' names; a Table 2 row subtracted is named by its number ("DACL − V")."""
+    return f"{LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0].split(':')[0]}"
+
+
 def paired_text(d: rs.Paired) -> str:
     """A paired difference as the tables print it: mean, spread, each seed's value and the win count."""
     per = ", ".join(f"seed {s}: {x:+.2f}" for s, x in zip(d.seeds, d.diffs))
@@ -280,7 +286,7 @@ def markdown(table: rs.Table) -> str:
             for d in pairs:
                 pa, pb = (paper_row(comparable, labeled, v) for v in (d.a, d.b))
                 ptxt = f"; the paper: {_value(pa['dice']) - _value(pb['dice']):+.2f}" if pa and pb else ""
-                lines.append(f"- {LABELS[d.a].split(' (')[0]} − {LABELS[d.b].split(' (')[0]}: {paired_text(d)}{ptxt}")
+                lines.append(f"- {pair_name(d)}: {paired_text(d)}{ptxt}")
             lines.append("")
     return "\n".join(lines)
 

@@ -52,12 +52,14 @@ def test_collect_acdc_from_run_folders(tmp_path):
     assert pairs["dacl", "cps"].diffs == pytest.approx([2.0, 2.0, 2.0]) and pairs["dacl", "cps"].wins == 3
     assert pairs["cps", "sup"].seeds == [0]
     assert pairs["V", "cps"].diffs == pytest.approx([1.0, 1.0, 1.0]) and ("II", "cps") not in pairs  # no II runs
+    assert pairs["dacl", "V"].diffs == pytest.approx([1.0, 1.0, 1.0]) and pairs["dacl", "V"].wins == 3
     md = (out / "acdc_cpu.md").read_text()
     assert "| DACL (Table 2 VI: + w_i) | 3 | 3 | 10/20/30 |" in md
     assert "90.91 ± 0.5" in md and "89.80 ± 0.5 (Table 2)" in md
     assert "DACL − CPS: +2.00 ± 0.00" in md and "the paper: +5.20" in md
     assert "CPS − supervised only: " in md and "(one seed: no spread)" in md  # no ± 0.00 from one seed
     assert "- V: + memory bank − CPS: +1.00 ± 0.00" in md and "the paper: +4.09" in md  # Table 2: V 89.80, I 85.71
+    assert "- DACL − V: +1.00 ± 0.00" in md and "the paper: +1.11" in md  # VI 90.91, V 89.80
     if __import__("importlib").util.find_spec("matplotlib"):
         assert (out / "acdc_cpu_val_curves.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -145,8 +145,7 @@ def table_lines(table: rs.Table, ablation: bool = False) -> List[str]:
         if pairs:
             out += ["Test Dice differences paired by seed (percentage points):", ""]
             for d in pairs:
-                out.append(f"- {_cell(collect.LABELS[d.a].split(' (')[0])} − {_cell(collect.LABELS[d.b].split(' (')[0])}: "
-                           f"{collect.paired_text(d)}")
+                out.append(f"- {_cell(collect.pair_name(d))}: {collect.paired_text(d)}")
             out.append("")
     if not ablation and table.notes:
         out += [f"- {_cell(n)}" for n in table.notes] + [""]
