@@ -13,7 +13,7 @@ Usage::
     python benchmarks/collect.py acdc                              # sup, cps, dacl; seeds 0 1 2; 7 and 3 patients
     python benchmarks/collect.py acdc --collect-only               # rebuild the tables from run folders
     python benchmarks/collect.py acdc --variants II III IV V --patients 7   # Table 2 ablation rows (10 %)
-    python benchmarks/collect.py chaos --variants cps dacl --seeds 0 1   # the 3D example on CHAOS-T2
+    python benchmarks/collect.py chaos                              # the 3D example on CHAOS-T2: cps, dacl; seeds 0 1 2
     python benchmarks/collect.py render benchmarks/results/acdc_cpu.json     # the .md again from a table
 
 Variants: ``sup``, ``cps`` (Table 2 I), ``dacl`` (Table 2 VI) and the Table 2 ablation rows ``II``
@@ -74,7 +74,7 @@ DATASETS = {
     "chaos": dict(example="examples/synapse_cps_dacl.py", runs="runs/synapse", folder="chaos_{preset}_{variant}_l{labeled}_s{seed}",
                   flags=lambda labeled, out: ["--dataset", "chaos", "--labeled", str(labeled), "--out", str(out),
                                               "--no-progress"],
-                  labeled=[4], labeled_choices=[2, 4], variants=["cps", "dacl"], seeds=[0, 1], paper=None, threads=1,
+                  labeled=[4], labeled_choices=[2, 4], variants=["cps", "dacl"], seeds=[0, 1, 2], paper=None, threads=1,
                   preset="cpu"),
 }
 
