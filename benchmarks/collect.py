@@ -59,7 +59,6 @@ VARIANTS: Dict[str, List[str]] = {"sup": ["--method", "sup"], "cps": ["--method"
 LABELS = {"sup": "supervised only", "cps": "CPS (Table 2 I)", "II": "II: + plain contrastive",
           "III": "III: + density-aware, single scale", "IV": "IV: + multi-scale", "V": "V: + memory bank",
           "dacl": "DACL (Table 2 VI: + w_i)"}
-# (a, b): a's test Dice minus b's, paired by seed; Table 2's ablation rows each against CPS (its row I)
 # (a, b): a − b paired by seed. Table 2's rows against CPS, and its last step: V → VI (the soft weights w_i).
 PAIRS = (("dacl", "cps"), ("cps", "sup"), *((row, "cps") for row in ("II", "III", "IV", "V")), ("dacl", "V"))
 NAMES = {"dice": "Dice", "jaccard": "Jaccard", "hd95": "HD95", "asd": "ASD"}
