@@ -143,9 +143,8 @@ def _train_seconds(r: rs.RunRecord) -> Optional[float]:
 
 
 def paired_differences(rows: Sequence[rs.TableRow]) -> List[rs.Paired]:
-    """Test Dice of DACL minus CPS, of CPS minus supervised and of each of Table 2's rows II-V minus
-    CPS, paired by seed (the seeds share the split and the initialisation, so the paired
-    difference is the fairer comparison)."""
+    """Test Dice differences of the :data:`PAIRS` found in ``rows``, paired by seed (the seeds share
+    the split and the initialisation, so the paired difference is the fairer comparison)."""
     out = []
     for labeled in sorted({r.labeled for r in rows}, reverse=True):
         by = {r.variant: r.metrics["dice"].per_seed for r in rows if r.labeled == labeled}
