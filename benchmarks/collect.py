@@ -38,6 +38,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PAPER = ROOT / "benchmarks" / "paper_numbers.json"
 sys.path.insert(0, str(ROOT / "examples"))
 import results_schema as rs  # noqa: E402
+from _cli import int_range  # noqa: E402
 
 from torch_dacl.ablation import TABLE2  # noqa: E402  (Table 2's rows as the library defines them)
 
@@ -349,12 +350,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("tables", nargs="*", type=Path, help="render: table JSON files")
     p.add_argument("--preset", default=None, help="default: cpu (both datasets)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the dataset's")
-    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: acdc 0 1 2, chaos 0 1")
-    p.add_argument("--labeled", "--patients", nargs="+", type=int, default=None, dest="labeled",
+    p.add_argument("--seeds", nargs="+", type=int_range(0), default=None, help="default: acdc 0 1 2, chaos 0 1")
+    p.add_argument("--labeled", "--patients", nargs="+", type=int_range(1), default=None, dest="labeled",
                    help="labeled patients (acdc: 7 3) or volumes (chaos: 4 2); default acdc 7 3, chaos 4")
     p.add_argument("--runs", type=Path, default=None, help="where the run folders are (default runs/table, runs/synapse)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where the tables and figures go")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
+    p.add_argument("--threads", type=int_range(1), default=None, help="torch threads per run (default: 1)")
     p.add_argument("--collect-only", action="store_true", help="run nothing, only collect the run folders")
     args = p.parse_args(argv)
     if args.dataset == "render":

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 # Spinning OpenMP threads make a shared CPU crawl; must be set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -44,6 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from torch_dacl import SoftDensityContrastiveLoss  # noqa: E402
+sys.path.insert(0, str(ROOT / "examples"))
+from _cli import int_range  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -252,20 +254,20 @@ def write_scaling_figure(scaling: List[Dict], path: Path):
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small version for CI (under 1 minute): the smoke preset's CPS step, fewer points")
     p.add_argument("--preset", default=None, help="ACDC preset whose CPS step is the unit (default: cpu and "
                    "paper; smoke with --quick)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int_range(1), default=2)
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--classes", type=int, default=4, help=argparse.SUPPRESS)
-    p.add_argument("--bank", type=int, default=1000, help=argparse.SUPPRESS)
-    p.add_argument("--samples", type=int, default=1024, help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=3, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    p.add_argument("--classes", type=int_range(2), default=4, help=argparse.SUPPRESS)
+    p.add_argument("--bank", type=int_range(1), default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--samples", type=int_range(2), default=1024, help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int_range(1), default=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
     if args.point:
         print(json.dumps(one_point(args)))
         return

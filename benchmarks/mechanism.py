@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "examples"))
 
 from acdc_data import ACDCVolumes, evenly_spaced, find_acdc_dir, resize_image  # noqa: E402
 from evaluate_acdc import load_wrapper  # noqa: E402
+from _cli import int_range  # noqa: E402
 
 from torch_dacl.functional import knn_density  # noqa: E402
 
@@ -139,11 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("checkpoints", nargs="+", type=Path, help="best.pt / last.pt of the ACDC example")
     p.add_argument("--names", nargs="+", default=None, help="one label per checkpoint (default: the run folders)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--slices", type=int, default=40, help="evenly spaced test slices with foreground")
-    p.add_argument("--pixels-per-class", type=int, default=500)
-    p.add_argument("--map-slices", type=int, default=3, help="slices shown in the density map")
+    p.add_argument("--slices", type=int_range(1), default=40, help="evenly spaced test slices with foreground")
+    p.add_argument("--pixels-per-class", type=int_range(2), default=500)
+    p.add_argument("--map-slices", type=int_range(0), default=3, help="slices shown in the density map")
     p.add_argument("--space", choices=("decoder", "embedding"), default="decoder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_range(0), default=0)
     p.add_argument("--no-tsne", action="store_true", help="skip the t-SNE (the slow part)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mechanism")
     args = p.parse_args(argv)

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+from _cli import int_range  # noqa: E402
 FILES = ["torch_dacl/loss.py", "torch_dacl/stages.py", "torch_dacl/functional.py", "torch_dacl/cotraining.py"]
 TESTS = ["tests/test_functional.py", "tests/test_modules.py", "tests/test_properties.py",
          "tests/test_module_reference.py", "tests/test_mechanism.py", "tests/test_stages.py"]
@@ -195,7 +197,7 @@ def main(argv=None) -> None:
     ap.add_argument("--part", choices=["all", "mutmut", "named"], default="all")
     ap.add_argument("--files", nargs="+", default=FILES)
     ap.add_argument("--tests", nargs="+", default=TESTS)
-    ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--max-children", type=int_range(1), default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
+from _cli import float_range, int_range  # noqa: E402
 LISTS = ("train_slices.list", "train.list", "val.list", "test.list")
 
 
@@ -81,8 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = sub.add_parser("pack", help="write <out>/acdc_pack.npz.xz")
     a.add_argument("--data-root", default=None, help="folder holding ACDC/ (the examples' lookup by default)")
     a.add_argument("--out", type=Path, default=REPO / ".devdata")
-    a.add_argument("--limit", type=int, default=None, help="at most this many files per list (tests)")
-    a.add_argument("--max-mib", type=float, default=56.0, help="fail above this size (the device's tree limit)")
+    a.add_argument("--limit", type=int_range(1), default=None, help="at most this many files per list (tests)")
+    a.add_argument("--max-mib", type=float_range(0, lo_open=True), default=56.0, help="fail above this size (the device's tree limit)")
     b = sub.add_parser("unpack", help="recreate <out>/ACDC from a pack")
     b.add_argument("pack", type=Path)
     b.add_argument("--out", type=Path, required=True)

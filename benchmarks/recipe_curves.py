@@ -24,6 +24,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _cli import float_range  # noqa: E402
+
 KEYS = ("method", "encoder", "size", "crop", "labeled_bs", "unlabeled_bs", "lr", "steps", "labeled", "seed",
         "threads", "lambda_cl", "reduction", "pseudo_policy", "pseudo_confidence", "head_weight",
         "max_samples_per_class", "bank_size", "amp", "patch", "features")
@@ -80,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (others are skipped)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--title", default="Recipe search", help="the table's and the figure's title")
-    p.add_argument("--target", type=float, default=75.0, help="a dashed line at this validation Dice (%%) in the figure")
+    p.add_argument("--target", type=float_range(0, 100), default=75.0, help="a dashed line at this validation Dice (%%) in the figure")
     args = p.parse_args(argv)
     runs = [r for r in (read_run(f) for f in args.runs if f.is_dir()) if r]
     args.out.mkdir(parents=True, exist_ok=True)

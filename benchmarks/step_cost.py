@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ import torch  # noqa: E402
 import acdc_cps_dacl  # noqa: E402
 import engine  # noqa: E402
 import synapse_cps_dacl  # noqa: E402
+from _cli import int_range  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # name: the example's flags on top of the preset
@@ -155,23 +157,23 @@ def op_growth(ops: dict, unit: dict, top: int) -> list:
     return sorted(rows, key=lambda r: -r["added_ms"])[:top]
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--example", choices=list(EXAMPLES), default="acdc", help="which example's step")
     p.add_argument("--preset", default="cpu", help="the example's preset")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per variant and round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the preset's runs use 1)")
+    p.add_argument("--steps", type=int_range(1), default=15, help="timed steps per variant and round")
+    p.add_argument("--rounds", type=int_range(1), default=3, help="interleaved rounds")
+    p.add_argument("--warmup", type=int_range(0), default=3, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int_range(1), default=1, help="torch threads (the preset's runs use 1)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), metavar="NAME",
                    help="which variants, by name (quoted; default: the example's list); 'cps' is the unit of the ratios")
-    p.add_argument("--profile-steps", type=int, default=5, help="profiled steps per variant after the timing (0: none)")
-    p.add_argument("--top-ops", type=int, default=10, help="operators listed per variant in the profile")
+    p.add_argument("--profile-steps", type=int_range(0), default=5, help="profiled steps per variant after the timing (0: none)")
+    p.add_argument("--top-ops", type=int_range(1), default=10, help="operators listed per variant in the profile")
     p.add_argument("--quick", action="store_true", help="smoke preset, 2 steps, 1 round, cps and dacl")
     p.add_argument("--data-root", default=None, help="the examples' --data-root (default: their lookup)")
     p.add_argument("--output", type=Path, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     ex = EXAMPLES[args.example]
     if args.quick:
         args.preset, args.steps, args.rounds, args.warmup, args.variants = "smoke", 2, 1, 1, ["cps", "dacl"]

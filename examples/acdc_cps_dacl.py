@@ -44,6 +44,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
 import _dist  # noqa: E402
+from _cli import ArgValueError, int_range  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from acdc_data import (CLASS_NAMES, LABELED_SLICES, ACDCDataError, ACDCSlices, TwoStreamBatchSampler,  # noqa: E402
@@ -91,7 +92,7 @@ class ACDCSliceData:
             self.class_names, self.name, self.kind, self.labeled_unit = prep.class_names, prep.info.name, "nnunet", "cases"
             self.labeled, n_val = len(prep.split["labeled"]), len(prep.split["val"])
         else:
-            self.source = acdc = find_acdc_dir(resolve_data_root(cfg["data_root"]))
+            self.source = acdc = find_acdc_dir(resolve_data_root(cfg["data_root"], download=not cfg["no_download"]))
             cfg["acdc_dir"] = str(acdc)  # (config.json: where the data came from)
             slices, n_val = read_list(acdc, "train_slices.list"), len(read_list(acdc, "val.list"))
             test, n_lab = read_list(acdc, "test.list"), cfg["labeled_slices"]
@@ -133,21 +134,25 @@ class ACDC(engine.Task):
         g.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None,
                        help="--dataset-dir with 3D volumes: the voxel axis to cut slices along (default: the "
                             "coarsest-spacing axis)")
-        g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-        g.add_argument("--size", type=int, default=256, help="input side (slices are resized to size x size)")
-        g.add_argument("--crop", type=int, default=None,
-                       help="train on random crop x crop windows of the resized slices (inference sees whole slices)")
+        g.add_argument("--workers", type=int_range(0), default=0, help="DataLoader worker processes")
+        g.add_argument("--size", type=int_range(16), default=256,
+                       help="input side, at least 16 (slices are resized to size x size)")
+        g.add_argument("--crop", type=int_range(16), default=None,
+                       help="train on random crop x crop windows of the resized slices, 16 to --size (inference sees "
+                            "whole slices)")
         g.add_argument("--encoder", default="resnet18",
                        help="smp encoder name (random init), or basicunet for MONAI's plain U-Net")
-        g.add_argument("--decoder-channels", type=int, nargs="+", default=[256, 128, 64, 32, 16])
+        g.add_argument("--decoder-channels", type=int_range(1), nargs="+", default=[256, 128, 64, 32, 16])
 
     def configure(self, cfg: dict, args: dict) -> None:
         if not cfg["dataset_dir"]:
             cfg["labeled"] = cfg["labeled"] or self.labeled_default
             if cfg["labeled"] not in LABELED_SLICES:
-                raise SystemExit(f"error: --labeled on ACDC: the paper's {self.paper_labeled} patients, "
-                                 f"got {cfg['labeled']}")
+                raise ArgValueError(f"argument --labeled: on ACDC the paper's {' or '.join(map(str, self.paper_labeled))}"
+                                    f" patients, got {cfg['labeled']}")
             cfg["labeled_slices"] = LABELED_SLICES[cfg["labeled"]]
+        if cfg["crop"] is not None and cfg["crop"] > cfg["size"]:
+            raise ArgValueError(f"argument --crop: at most --size ({cfg['size']}), got {cfg['crop']}")
 
     def build_data(self, cfg: dict, run_dir: Path) -> ACDCSliceData:
         return ACDCSliceData(cfg, run_dir)

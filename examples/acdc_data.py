@@ -44,15 +44,16 @@ class ACDCDataError(RuntimeError):
     """The ACDC data are missing or malformed; the message names the path and the layout."""
 
 
-def resolve_data_root(arg: Optional[str] = None) -> Path:
-    """``--data-root``, else ``$TORCH_DACL_DATA``, else the cache of ``get_data.py``, else the
-    development copy beside the repository (``_data.resolve_data_root``); raises
-    :class:`ACDCDataError` naming ``python examples/get_data.py acdc`` when none holds ACDC.
+def resolve_data_root(arg: Optional[str] = None, download: bool = False) -> Path:
+    """``--data-root``, else ``$TORCH_DACL_DATA``, else the cache of ``get_data.py``
+    (``_data.resolve_data_root``; ``download=True`` fetches ACDC into the cache when none of
+    them holds it); raises :class:`ACDCDataError` naming ``python examples/get_data.py acdc``
+    otherwise.
     """
     import _data
 
     try:
-        return _data.resolve_data_root(arg, "acdc")
+        return _data.resolve_data_root(arg, "acdc", download=download)
     except _data.DataNotFoundError as e:
         raise ACDCDataError(str(e)) from None
 

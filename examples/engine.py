@@ -51,6 +51,7 @@ from torch.profiler import record_function  # noqa: E402  (train_step's stages, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dist  # noqa: E402
+from _cli import ArgValueError, float_range, int_range  # noqa: E402
 from nnunet_data import NnUNetDataError, parse_labeled  # noqa: E402
 from torch_dacl import DACLObjective, gradient_share  # noqa: E402
 from torch_dacl.functional import gaussian_rampup  # noqa: E402
@@ -66,7 +67,7 @@ EMPTY_CONVENTION = ("both empty: dice=jaccard=1, hd95=asd=0; exactly one empty: 
 RUN_OUTPUTS = ("metrics.json", "last.pt", "best.pt", "config.json", "test_slices.npz", "test_predictions.png")
 # configuration keys that may differ on --resume without a warning
 RUNTIME_KEYS = ("device", "threads", "workers", "log_every", "no_progress", "no_plot", "no_test", "resume", "overwrite",
-                "stop_at", "output_dir", "world_size")
+                "stop_at", "output_dir", "world_size", "no_download")
 
 
 class Task:
@@ -147,23 +148,25 @@ def _run_flags(g, task: Task) -> None:
                         f"{' or '.join(map(str, task.paper_labeled))} (default {task.labeled_default})")
     g.add_argument("--data-root", default=None, help="folder holding the datasets (default: $TORCH_DACL_DATA, else "
                    "the cache of examples/get_data.py, ~/.cache/torch-dacl/data)")
+    g.add_argument("--no-download", action="store_true", help="when no data root holds the dataset, stop instead of "
+                   "downloading and preparing it into the cache (examples/get_data.py)")
     g.add_argument("--dataset-dir", default=None, help="your own dataset: an nnU-Net raw folder (dataset.json, "
                    "imagesTr/, labelsTr/); see docs/tutorials/own_data.rst")
     g.add_argument("--split", default=None, help="--dataset-dir: split JSON (train/val/test, optional labeled); "
                    "default <dataset-dir>/split.json if present, else generated")
-    g.add_argument("--split-seed", type=int, default=0, help="--dataset-dir: seed of a generated split")
+    g.add_argument("--split-seed", type=int_range(0), default=0, help="--dataset-dir: seed of a generated split")
     g.add_argument("--output-dir", "--out", type=Path, default=None, help="run folder (default: under runs/)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int_range(0), default=0)
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="mixed precision")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int_range(1), default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint (no PATH: <output-dir>/last.pt, if it exists)")
     g.add_argument("--overwrite", action="store_true", help="start over in a run folder that holds an earlier run "
                    "(its outputs are deleted first); without it or --resume such a run is refused")
-    g.add_argument("--stop-at", type=int, default=None, help="stop after this step as if interrupted")
-    g.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard scalars and DACL diagnostics")
-    g.add_argument("--ckpt-every", type=int, default=None, help="steps between last.pt saves (default: val_every)")
+    g.add_argument("--stop-at", type=int_range(1), default=None, help="stop after this step as if interrupted")
+    g.add_argument("--log-every", type=int_range(1), default=10, help="steps between TensorBoard scalars and DACL diagnostics")
+    g.add_argument("--ckpt-every", type=int_range(1), default=None, help="steps between last.pt saves (default: val_every)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no picture of the test predictions")
     g.add_argument("--no-test", action="store_true",
@@ -172,57 +175,57 @@ def _run_flags(g, task: Task) -> None:
 
 
 def _optim_flags(g) -> None:
-    g.add_argument("--steps", "--iterations", type=int, default=30000, help="training iterations")
-    g.add_argument("--labeled-bs", "--batch-labeled", type=int, default=2,
+    g.add_argument("--steps", "--iterations", type=int_range(1), default=30000, help="training iterations")
+    g.add_argument("--labeled-bs", "--batch-labeled", type=int_range(1), default=2,
                    help="labeled samples per step; under torchrun the global batch, split over the ranks")
-    g.add_argument("--unlabeled-bs", "--batch-unlabeled", type=int, default=2,
+    g.add_argument("--unlabeled-bs", "--batch-unlabeled", type=int_range(0), default=2,
                    help="unlabeled samples per step; under torchrun the global batch")
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (poly decay)")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--poly-power", type=float, default=0.9)
-    g.add_argument("--embed-dim", type=int, default=64, help="projection head output D")
+    g.add_argument("--lr", type=float_range(0, lo_open=True), default=0.01, help="SGD learning rate (poly decay)")
+    g.add_argument("--momentum", type=float_range(0, 1, hi_open=True), default=0.9)
+    g.add_argument("--weight-decay", type=float_range(0), default=1e-4)
+    g.add_argument("--poly-power", type=float_range(0), default=0.9)
+    g.add_argument("--embed-dim", type=int_range(1), default=64, help="projection head output D")
     g.add_argument("--eval-model", choices=("a", "b", "ensemble"), default="a", help="the network(s) evaluated")
-    g.add_argument("--val-every", type=int, default=200, help="steps between validations")
-    g.add_argument("--val-volumes", "--max-val-cases", type=int, default=None, help="val volumes (0 = all)")
-    g.add_argument("--test-volumes", "--max-test-cases", type=int, default=None, help="test volumes (0 = all)")
+    g.add_argument("--val-every", type=int_range(1), default=200, help="steps between validations")
+    g.add_argument("--val-volumes", "--max-val-cases", type=int_range(0), default=None, help="val volumes (0 = all)")
+    g.add_argument("--test-volumes", "--max-test-cases", type=int_range(0), default=None, help="test volumes (0 = all)")
 
 
 def _objective_flags(g) -> None:
     g.add_argument("--table2-row", choices=tuple(TABLE2), default=None,
                    help="Table 2's ablation row (sets the DACL options below that it names)")
-    g.add_argument("--lambda-cl", type=float, default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
-    g.add_argument("--lambda-cross", type=float, default=1.0, help="weight of the CPS loss")
-    g.add_argument("--cross-rampup", type=int, default=0, help="steps of a Gaussian ramp-up of lambda_cross (0: none)")
-    g.add_argument("--warmup-steps", type=int, default=None,
+    g.add_argument("--lambda-cl", type=float_range(0), default=0.1, help="max weight of the Gaussian ramp-up (Eq. 1)")
+    g.add_argument("--lambda-cross", type=float_range(0), default=1.0, help="weight of the CPS loss")
+    g.add_argument("--cross-rampup", type=int_range(0), default=0, help="steps of a Gaussian ramp-up of lambda_cross (0: none)")
+    g.add_argument("--warmup-steps", type=int_range(0), default=None,
                    help="steps with lambda_CL = 0 (default: 1000 * steps / 30000, docs: Design decisions, 3.4)")
     g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction", "class_prior"), default="fixed",
                    help="which unlabeled pixels get a pseudo label for DACL: fixed = confidence above "
                         "--pseudo-confidence; class_fraction = also the most confident --pseudo-fraction of each "
                         "predicted class; class_prior = also, per class, the pixels most likely to be it, "
                         "--pseudo-fraction x its share of the labeled pixels")
-    g.add_argument("--pseudo-confidence", type=float, default=0.95,
+    g.add_argument("--pseudo-confidence", type=float_range(0, 1), default=0.95,
                    help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi, see --mask-threshold)")
-    g.add_argument("--pseudo-fraction", type=float, default=0.5, help="see --pseudo-policy")
-    g.add_argument("--head-weight", type=float, default=None, help="the projection heads learn from this times the "
+    g.add_argument("--pseudo-fraction", type=float_range(0, 1, lo_open=True), default=0.5, help="see --pseudo-policy")
+    g.add_argument("--head-weight", type=float_range(0), default=None, help="the projection heads learn from this times the "
                    "DACL loss at every step (default: the paper, lambda_CL(t))")
-    g.add_argument("--grad-share-every", type=int, default=None, help="every N steps, measure DACL's share of the "
+    g.add_argument("--grad-share-every", type=int_range(1), default=None, help="every N steps, measure DACL's share of the "
                    "gradient norm on the networks (3 extra backward passes)")
     g.add_argument("--reduction", choices=("mean", "sum"), default="mean", help="DACL loss over the anchors")
-    g.add_argument("--mask-threshold", type=float, default=0.5, help="phi of Eq. 2 (prototype masks)")
-    g.add_argument("--temperature", type=float, default=0.4)
-    g.add_argument("--ks", type=int, nargs="+", default=[8, 16, 32], help="kNN scales; one value = single scale")
-    g.add_argument("--num-anchors", type=int, default=256)
-    g.add_argument("--num-positives", type=int, default=512)
-    g.add_argument("--num-negatives", type=int, default=512)
-    g.add_argument("--bank-size", type=int, default=1000)
+    g.add_argument("--mask-threshold", type=float_range(0, 1), default=0.5, help="phi of Eq. 2 (prototype masks)")
+    g.add_argument("--temperature", type=float_range(0, lo_open=True), default=0.4)
+    g.add_argument("--ks", type=int_range(1), nargs="+", default=[8, 16, 32], help="kNN scales; one value = single scale")
+    g.add_argument("--num-anchors", type=int_range(1), default=256)
+    g.add_argument("--num-positives", type=int_range(1), default=512)
+    g.add_argument("--num-negatives", type=int_range(1), default=512)
+    g.add_argument("--bank-size", type=int_range(1), default=1000)
     g.add_argument("--bank-source", choices=("prototype", "pixel"), default="prototype")
     g.add_argument("--no-bank", action="store_true", help="no memory bank (Table 2 II-IV)")
     g.add_argument("--sampling", choices=("density", "random"), default="density", help="random: Table 2 II")
     g.add_argument("--weighting", choices=("paper", "scale", "none"), default="paper", help="w_i (Table 2 V: none)")
     g.add_argument("--anchor-mode", choices=("pixel", "class"), default="pixel", help="class: Table 3 class-wise")
-    g.add_argument("--max-samples-per-class", type=int, default=1024)
-    g.add_argument("--cl-stride", type=int, default=1, help="DACL sees a regular pixel grid with this stride")
+    g.add_argument("--max-samples-per-class", type=int_range(2), default=1024)
+    g.add_argument("--cl-stride", type=int_range(1), default=1, help="DACL sees a regular pixel grid with this stride")
 
 
 def _fmt(v) -> str:
@@ -250,7 +253,13 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
         cfg["warmup_steps"] = int(round(PAPER_WARMUP * cfg["steps"] / PAPER_STEPS))
     cfg["ckpt_every"] = cfg["ckpt_every"] or cfg["val_every"]
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    task.configure(cfg, args)
+    if cfg["method"] != "sup" and cfg["unlabeled_bs"] < 1:
+        p.error(f"argument --unlabeled-bs: --method {cfg['method']} needs an unlabeled batch >= 1, got "
+                f"{cfg['unlabeled_bs']}")
+    try:  # the task's own checks of its values (ArgValueError): one line, as argparse's
+        task.configure(cfg, args)
+    except ArgValueError as e:
+        p.error(str(e))
     return cfg
 
 
@@ -290,6 +299,17 @@ def seed_all(seed: int, torch_offset: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed + torch_offset)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to ``<path>.tmp``, then rename: an interrupted save never leaves a torn ``path``."""
+    tmp = Path(path).with_suffix(".tmp")
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
@@ -391,9 +411,7 @@ class Run:
     def save(self, name: str) -> None:
         state = self.state_dict()
         if _dist.is_main():
-            tmp = (self.run_dir / name).with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.run_dir / name)
+            save_atomic(state, self.run_dir / name)
 
     def resume(self, resume: Optional[str]) -> Optional[Path]:
         path = self.run_dir / "last.pt" if resume == "auto" else Path(resume) if resume else None
@@ -473,8 +491,8 @@ class Run:
                              "train_seconds": round(self.train_seconds, 3)})
         if dice > self.best["val_dice"]:
             self.best = {"val_dice": dice, "step": self.step}
-            torch.save({"model": self.wrapper.state_dict(), "config": cfg, "step": self.step, "val_dice": dice},
-                       self.run_dir / "best.pt")
+            save_atomic({"model": self.wrapper.state_dict(), "config": cfg, "step": self.step, "val_dice": dice},
+                        self.run_dir / "best.pt")
         bar.write(f"step {self.step}: val Dice {100 * dice:.2f} ({res.num_cases} volumes), "
                   f"best {100 * self.best['val_dice']:.2f} at step {self.best['step']}")
         self.val_seconds += time.time() - t0
@@ -668,7 +686,9 @@ def format_table(res: TestResult, title: str) -> str:
 def cli(task: Task) -> None:
     """``if __name__ == "__main__"`` of a dataset script: a data error is one line, no traceback."""
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from get_data import ArchiveError, DownloadError
+
     try:
         main(task)
-    except (FileExistsError, *task.data_error) as e:
+    except (FileExistsError, DownloadError, ArchiveError, *task.data_error) as e:
         sys.exit(f"error: {e}")

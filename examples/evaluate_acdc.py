@@ -34,6 +34,7 @@ from tqdm import tqdm  # noqa: E402
 from acdc_data import CLASS_NAMES, NUM_CLASSES, ACDCVolumes, find_acdc_dir, resolve_data_root  # noqa: E402
 from acdc_model import build_wrapper, predict_logits  # noqa: E402
 from results_schema import TestResult  # noqa: E402
+from _cli import int_range  # noqa: E402
 
 case_metrics = functools.partial(engine.case_metrics, num_classes=NUM_CLASSES)  # ACDC's 4 classes by default
 
@@ -95,9 +96,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", type=Path, help="best.pt / last.pt written by acdc_cps_dacl.py")
     p.add_argument("--split", choices=("val", "test"), default="test")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only this many evenly spaced volumes")
+    p.add_argument("--limit", type=int_range(1), default=None, help="evaluate only this many evenly spaced volumes")
     p.add_argument("--model", choices=("a", "b", "ensemble"), default=None, help="default: the run's --eval-model")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--data-root", default=None, help="default: the folder the run read its data from (its "
+                   "config.json), else the examples' lookup ($TORCH_DACL_DATA, the get_data cache)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", type=Path, default=None, help="JSON file (default: <checkpoint dir>/eval_<split>.json)")
     args = p.parse_args(argv)
@@ -110,6 +112,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
         acdc = nnunet_data.prepare(cfg["dataset_dir"], 2, args.checkpoint.parent / "split.json",
                                    slice_axis=cfg.get("slice_axis"), input_size=int(cfg["size"]))
+    elif not args.data_root and cfg.get("acdc_dir") and Path(cfg["acdc_dir"]).is_dir():
+        acdc = Path(cfg["acdc_dir"])  # where the run read its data (its config), unless --data-root says otherwise
     else:
         acdc = find_acdc_dir(resolve_data_root(args.data_root or cfg.get("data_root")))
     res, _ = evaluate(wrapper, acdc, args.split, int(cfg["size"]), device,

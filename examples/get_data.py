@@ -10,7 +10,15 @@ else the archive's structure), and converted into ``<cache>/data/ACDC`` or
 ``<cache>/data/CHAOS-T2``, where the examples look for it. ``<cache>`` is
 ``$TORCH_DACL_CACHE``, else ``$XDG_CACHE_HOME/torch-dacl``, else ``~/.cache/torch-dacl``
 (``--cache`` overrides). ``--url`` downloads from a mirror of the same file instead (the
-same checks apply); ``--archive`` prepares a file or an unpacked folder you already have.
+same checks apply), and so does ``$TORCH_DACL_MIRROR``, a folder URL that holds the archives
+under their file names (``ACDC.zip``, ``CHAOS_Train_Sets.zip``); ``--archive`` prepares a
+file or an unpacked folder you already have.
+
+Offline, or when the server cannot be reached at all (the name does not resolve, the
+connection is refused or times out), it stops at once, naming the page to download the
+archive from by hand and ``--archive FILE``; only a transfer that broke off is retried, and
+resumed where it stopped. The training scripts call :func:`fetch` themselves when they find
+no data (``--no-download`` refuses).
 
 ACDC (Bernard et al., IEEE TMI 2018): the official database at CREATIS, research use; the
 archive is the database folder as one zip (``database/training/patientXXX/...``, NIfTI).
@@ -40,12 +48,14 @@ import gzip
 import hashlib
 import http.client
 import io
+import os
 import re
 import shutil
 import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -70,6 +80,8 @@ class Source:
     md5: Optional[str]  # published checksum, None where the source publishes none
     size: Optional[int]  # published size in bytes, None where unknown
     provenance: str  # where the URL and checksum are taken from
+    page: str  # where a person downloads it by hand
+    what: str  # what the archive is, in words
 
 
 SOURCES: Dict[str, Source] = {
@@ -81,14 +93,19 @@ SOURCES: Dict[str, Source] = {
     "acdc": Source(
         url="https://humanheart-project.creatis.insa-lyon.fr/database/api/v1/folder/637218e573e9f0047faa00fc/download",
         filename="ACDC.zip", md5=None, size=None,
-        provenance="CREATIS ACDC database (https://www.creatis.insa-lyon.fr/Challenge/acdc/); no published checksum"),
+        provenance="CREATIS ACDC database (https://www.creatis.insa-lyon.fr/Challenge/acdc/); no published checksum",
+        page="https://www.creatis.insa-lyon.fr/Challenge/acdc/ (the database folder 'ACDC', as one zip)",
+        what="the ACDC database (cardiac cine MRI, NIfTI); the server zips it on the fly and publishes no "
+             "size"),
     # Zenodo record 3431873, "CHAOS - Combined (CT-MR) Healthy Abdominal Organ Segmentation
     # Challenge Data" (https://doi.org/10.5281/zenodo.3431873). MD5 and size as the record
     # lists them for CHAOS_Train_Sets.zip.
     "chaos": Source(
         url="https://zenodo.org/records/3431873/files/CHAOS_Train_Sets.zip?download=1",
         filename="CHAOS_Train_Sets.zip", md5="df21053002a1cc86df918a87da3b2c19", size=890_771_694,
-        provenance="Zenodo record 3431873 (MD5 and size as listed on the record)"),
+        provenance="Zenodo record 3431873 (MD5 and size as listed on the record)",
+        page="https://doi.org/10.5281/zenodo.3431873 (CHAOS_Train_Sets.zip)",
+        what="the CHAOS training sets (CT and MR, DICOM and PNG ground truth), 850 MiB"),
 }
 
 # The 20 MR cases of the CHAOS training set (the ids of its Train_Sets/MR folders)
@@ -105,8 +122,18 @@ class DownloadError(RuntimeError):
     """The download failed, or the file is not the one pinned (size or checksum)."""
 
 
+class UnreachableError(DownloadError):
+    """The server could not be reached at all (offline, name not resolved, refused, timed out)."""
+
+
 class ArchiveError(RuntimeError):
     """The archive (or folder) does not have the structure of the official release."""
+
+
+def manual_route(dataset: str) -> str:
+    """How to get ``dataset`` without this machine downloading it."""
+    return (f"download it by hand from {SOURCES[dataset].page}, then run "
+            f"`python examples/get_data.py {dataset} --archive FILE` (FILE: the zip, or the folder it unpacks to)")
 
 
 # ----------------------------------------------------------------------------- download
@@ -126,7 +153,7 @@ def _bar(total: Optional[int], initial: int, desc: str, enabled: bool):
 
 
 def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int] = None, *,
-             progress: bool = True, retries: int = 5, timeout: float = 60.0, chunk: int = 1 << 20,
+             progress: bool = True, retries: int = 5, timeout: float = 30.0, chunk: int = 1 << 20,
              log: Callable[[str], None] = print) -> Path:
     """Download ``url`` to ``dest``, resuming an interrupted transfer, and verify it.
 
@@ -136,6 +163,11 @@ def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int
     given) are checked and the file is renamed to ``dest``. A file that fails the check is
     deleted and :class:`DownloadError` is raised. An existing ``dest`` that passes the checks
     is not downloaded again.
+
+    Only a transfer that started and broke off is retried (``retries`` times, resuming), and
+    an HTTP 5xx answer. When the server cannot be reached at all (no answer within
+    ``timeout`` seconds, the name does not resolve, the connection is refused)
+    :class:`UnreachableError` is raised at once.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +183,27 @@ def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int
         if have:
             req.add_header("Range", f"bytes={have}-")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have and (size is None or have >= size):
+                break  # nothing left to fetch: the part file is complete (checked below)
+            if e.code == 416:
+                part.unlink()  # the part file is longer than the remote file: start over
+            elif e.code < 500:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            attempt += 1  # 5xx: the server is there but failed this time
+            if attempt > retries:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason} after {retries} retries") from e
+            time.sleep(min(2.0 ** attempt, 30.0))
+            continue
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            # no answer at all: offline, the name does not resolve, refused, timed out. Retrying
+            # would only wait; nothing was transferred.
+            reason = getattr(e, "reason", e)
+            raise UnreachableError(f"cannot reach {urllib.parse.urlsplit(url).netloc or url} "
+                                   f"({type(reason).__name__}: {reason})") from e
+        try:
+            with resp:
                 status = resp.status
                 if have and status == 206:
                     m = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
@@ -173,23 +225,16 @@ def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int
                 if length is not None and part.stat().st_size < total:
                     raise http.client.IncompleteRead(b"", total - part.stat().st_size)
             break
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have and (size is None or have >= size):
-                break  # nothing left to fetch: the part file is complete (checked below)
-            if e.code == 416:
-                part.unlink()  # the part file is longer than the remote file: start over
-            elif e.code < 500:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-            attempt += 1
-            if attempt > retries:
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason} after {retries} retries") from e
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
-                TimeoutError) as e:
+                TimeoutError) as e:  # the transfer started and broke off: retry, resuming
             attempt += 1
             got = part.stat().st_size if part.is_file() else 0
+            if not got:
+                part.unlink(missing_ok=True)
+            kept = (f"{got} bytes kept in {part}, run the command again to resume" if got
+                    else "nothing was kept")
             if attempt > retries:
-                raise DownloadError(f"{url}: {e!r} after {retries} retries; {got} bytes kept in {part}, "
-                                    f"run the command again to resume") from e
+                raise DownloadError(f"{url}: {e!r} after {retries} retries; {kept}") from e
             log(f"transfer interrupted at {got} bytes ({e!r}); retrying ({attempt}/{retries})")
             time.sleep(min(2.0 ** attempt, 30.0) if attempt > 1 else 0.0)
     try:
@@ -555,7 +600,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None,
                    help="cache folder (default: $TORCH_DACL_CACHE, else ~/.cache/torch-dacl); the archive goes to "
                         "<cache>/downloads, the prepared data to <cache>/data")
-    p.add_argument("--url", default=None, help="download from this mirror of the pinned file instead")
+    p.add_argument("--url", default=None, help="download from this mirror of the pinned file instead (default: "
+                   "$TORCH_DACL_MIRROR/<file name> if set, else the official source)")
     p.add_argument("--archive", type=Path, default=None,
                    help="prepare this archive (or unpacked folder) instead of downloading")
     p.add_argument("--force", action="store_true", help="prepare again even if the prepared data exist")
@@ -568,34 +614,57 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def archive_url(dataset: str, url: Optional[str] = None) -> str:
+    """``url``, else ``$TORCH_DACL_MIRROR/<file name>``, else the official source."""
+    mirror = os.environ.get("TORCH_DACL_MIRROR")
+    src = SOURCES[dataset]
+    return url or (f"{mirror.rstrip('/')}/{src.filename}" if mirror else src.url)
+
+
+def fetch(dataset: str, *, cache: Optional[Path] = None, url: Optional[str] = None, archive: Optional[Path] = None,
+          force: bool = False, native: bool = False, keep_archive: bool = True, progress: bool = True,
+          reason: Optional[str] = None, log: Callable[[str], None] = print) -> Path:
+    """Download (or take ``archive``), verify and prepare ``dataset`` into ``<cache>/data``;
+    returns the prepared folder. Before downloading it says what it fetches, how large it is
+    and where it goes (``reason``: why, e.g. the examples found no data). Download errors
+    carry the manual route (:func:`manual_route`)."""
+    src = SOURCES[dataset]
+    cache = Path(cache or cache_dir()).expanduser()
+    out_dir = cache / "data" / DATASET_DIRS[dataset]
+    if out_dir.is_dir() and not force:
+        log(f"{out_dir} exists; nothing to do (--force prepares it again)")
+        return out_dir
+    if archive is not None:
+        archive = Path(archive).expanduser()
+        if not archive.exists():
+            raise DownloadError(f"--archive {str(archive)!r} does not exist")
+    else:
+        url = archive_url(dataset, url)
+        archive = cache / "downloads" / src.filename
+        size = f"{src.size:,} bytes ({src.size / 2 ** 20:.0f} MiB)" if src.size else "not published"
+        log("\n".join(([f"{reason}: downloading it now (--no-download refuses)"] if reason else []) + [
+            f"downloading {dataset}: {src.what}",
+            f"  from  {url}", f"  size  {size}", f"  into  {archive}, prepared into {out_dir}",
+            f"  check {'MD5 ' + src.md5 if src.md5 else 'archive structure'} ({src.provenance})"]))
+        try:
+            download(url, archive, md5=src.md5, size=src.size, progress=progress, log=log)
+        except DownloadError as e:
+            raise type(e)(f"{e}; {manual_route(dataset)}") from e
+    if dataset == "acdc":
+        prepare_acdc(archive, out_dir, progress=progress, log=log)
+    else:
+        prepare_chaos(archive, out_dir, resample=not native, progress=progress, log=log)
+    if not keep_archive and archive.parent == cache / "downloads":
+        archive.unlink()
+    log(f"done: the examples find it in {out_dir.parent} (the default data root; or pass --data-root "
+        f"{out_dir.parent})")
+    return out_dir
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
-    src = SOURCES[args.dataset]
-    cache = (args.cache or cache_dir()).expanduser()
-    out_dir = cache / "data" / DATASET_DIRS[args.dataset]
-    progress = not args.no_progress
-    if out_dir.is_dir() and not args.force:
-        print(f"{out_dir} exists; nothing to do (--force prepares it again)")
-        return out_dir
-    if args.archive is not None:
-        archive = args.archive.expanduser()
-        if not archive.exists():
-            raise SystemExit(f"error: --archive {str(archive)!r} does not exist")
-    else:
-        url = args.url or src.url
-        archive = cache / "downloads" / src.filename
-        print(f"downloading {args.dataset} from {url}\n  into {archive}\n  check: "
-              f"{'MD5 ' + src.md5 if src.md5 else 'archive structure'} ({src.provenance})")
-        download(url, archive, md5=src.md5, size=src.size, progress=progress)
-    if args.dataset == "acdc":
-        prepare_acdc(archive, out_dir, progress=progress)
-    else:
-        prepare_chaos(archive, out_dir, resample=not args.native, progress=progress)
-    if args.archive is None and not args.keep_archive:
-        archive.unlink()
-    print(f"done: the examples find it in {out_dir.parent} (the default data root; or pass --data-root "
-          f"{out_dir.parent})")
-    return out_dir
+    return fetch(args.dataset, cache=args.cache, url=args.url, archive=args.archive, force=args.force,
+                 native=args.native, keep_archive=args.keep_archive, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

@@ -522,18 +522,21 @@ def plan_patch(median_shape: Sequence[int], spacing: Sequence[float], patch_budg
 
 # ----------------------------------------------------------------------------- splits
 def parse_labeled(text: Union[str, int, float, None]) -> Optional[Union[int, float]]:
-    """``--labeled``: a count (``4``) or a fraction of the training cases (``0.25``)."""
+    """``--labeled``: a count (``4``) or a fraction of the training cases (``0.25``); a bad value
+    raises :class:`_cli.ArgValueError` (a ``ValueError`` that argparse reports in one line)."""
+    from _cli import ArgValueError
+
     if text is None:
         return None
     try:
         v = float(text)
     except ValueError:
-        raise ValueError(f"--labeled: expected a count (e.g. 4) or a fraction 0<x<1 (e.g. 0.25), got {text!r}")
+        raise ArgValueError(f"expected a count (e.g. 4) or a fraction 0<x<1 (e.g. 0.25), got {text!r}") from None
     if v.is_integer() and v >= 1:
         return int(v)
     if 0 < v < 1:
         return v
-    raise ValueError(f"--labeled: expected a count >= 1 or a fraction 0<x<1, got {text!r}")
+    raise ArgValueError(f"expected a count >= 1 or a fraction 0<x<1, got {text!r}")
 
 
 def make_split(case_ids: Sequence[str], seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2) -> dict:

@@ -68,6 +68,7 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402  (sets OMP_WAIT_POLICY before torch loads)
 import _dist  # noqa: E402
+from _cli import float_range, int_range  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -120,12 +121,12 @@ SPLIT_FILES = {"chaos": "chaos_t2", "btcv": "synapse_dhc", "dhc_npy": "synapse_d
 def dataset_dir(cfg: dict) -> Path:
     if cfg["dataset_dir"]:
         return Path(cfg["dataset_dir"])
-    import _data  # one lookup for both examples: --data-root, $TORCH_DACL_DATA, the cache, the dev copy
+    import _data  # one lookup for both examples: --data-root, $TORCH_DACL_DATA, the cache
 
     sub = DATASET_DIRS[cfg["dataset"]]
-    if cfg["dataset"] == "chaos":
+    if cfg["dataset"] == "chaos":  # (downloaded into the cache when no source holds it, unless --no-download)
         try:
-            return _data.resolve_data_root(cfg["data_root"], "chaos") / sub
+            return _data.resolve_data_root(cfg["data_root"], "chaos", download=not cfg["no_download"]) / sub
         except _data.DataNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
     roots = [path for _, path in _data.data_sources(cfg["data_root"])]
@@ -284,14 +285,14 @@ class Synapse(engine.Task):
         g.add_argument("--dataset", choices=sorted(DATASET_DIRS) + ["nnunet"], default=None,
                        help="nnunet: an nnU-Net raw folder given by --dataset-dir (the default when --dataset-dir is "
                             "given; see docs/tutorials/own_data.rst); else chaos")
-        g.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+        g.add_argument("--spacing", type=float_range(0, lo_open=True), nargs=3, metavar=("Z", "Y", "X"), default=None,
                        help="nnunet: target spacing in mm (default: the median spacing, coarsened to the preset's "
                             "volume budget)")
         g.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                        help="channels_last_3d memory format (auto: on for CPU, where it makes Conv3d backward "
                             "several times faster via oneDNN)")
-        g.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None, help="patch size")
-        g.add_argument("--features", type=int, nargs="+", default=None, help="features per U-Net stage")
+        g.add_argument("--patch", type=int_range(8), nargs=3, metavar=("Z", "Y", "X"), default=None, help="patch size")
+        g.add_argument("--features", type=int_range(1), nargs="+", default=None, help="features per U-Net stage")
 
     def configure(self, cfg: dict, args: dict) -> None:
         cfg["dataset"] = cfg["dataset"] or ("nnunet" if cfg["dataset_dir"] else "chaos")

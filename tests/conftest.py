@@ -10,24 +10,30 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(__file__))
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+import _data  # noqa: E402  (the examples' one data lookup; the tests use it as it is)
+
+# The tests write nothing inside the checkout: hypothesis keeps no example database there.
+try:
+    from hypothesis import settings
+
+    settings.register_profile("hermetic", database=None)
+    settings.load_profile("hermetic")
+except ImportError:  # pragma: no cover  (hypothesis is a test dependency)
+    pass
 
 
 def pytest_addoption(parser):
     parser.addoption("--data-root", default=None,
-                     help="folder holding the real data sets (ACDC/, CHAOS-T2/); default: $TORCH_DACL_DATA, "
-                          "else <repo>/../shared/data")
+                     help="folder holding the real data sets (ACDC/, CHAOS-T2/); default: the examples' lookup, "
+                          "$TORCH_DACL_DATA, else the cache of examples/get_data.py")
 
 
 def data_root(config=None) -> Path:
-    """The documented data lookup: ``--data-root``, then ``$TORCH_DACL_DATA``, then
-    ``<repo>/../shared/data`` (the same order as the examples' ``--data-root`` default)."""
+    """The examples' lookup (``_data.data_sources``): ``--data-root``, then ``$TORCH_DACL_DATA``,
+    then the cache of ``examples/get_data.py``. Never downloads."""
     opt = config.getoption("--data-root", default=None) if config is not None else None
-    if opt:
-        return Path(opt).expanduser()
-    env = os.environ.get("TORCH_DACL_DATA")
-    if env:
-        return Path(env).expanduser()
-    return (REPO.parent / "shared" / "data").resolve()
+    return _data.data_sources(opt)[0][1]
 
 
 def _unreadable(path: Path, probe):
@@ -53,11 +59,13 @@ def require_data(config, name: str, probe=True) -> Path:
     A folder that exists but cannot be read is a skip for a developer and a failure when
     ``CI=true``: CI has the development data, so losing it must not pass as a skip.
     """
+    opt = config.getoption("--data-root", default=None) if config is not None else None
     root = data_root(config)
     path = root / name
     if not path.exists():
-        pytest.skip(f"{name} not found at {path} (set --data-root or TORCH_DACL_DATA; "
-                    f"default <repo>/../shared/data)")
+        dataset = {v: k for k, v in _data.DATASET_DIRS.items()}.get(name, name.lower())
+        pytest.skip(f"{name} not found at {path} (looked in: {_data.looked_in(opt)}); set --data-root or "
+                    f"TORCH_DACL_DATA, or run `{_data.get_data_command(dataset)}`")
     why = "not a folder" if not path.is_dir() else _unreadable(path, probe)
     if why:
         msg = f"{name} at {path} exists but cannot be read: {why}"

@@ -1,8 +1,8 @@
 """Tests of the ACDC example (examples/acdc_cps_dacl.py and its modules).
 
 Fast tests use a fake ACDC layout in ``tmp_path``; the slow test runs the ``smoke`` preset
-on the real data (found by ``--data-root``, ``TORCH_DACL_DATA`` or ``../shared/data``, see
-conftest.py; skipped when it is absent) exactly as CI and the
+on the real data (found by the examples' lookup: ``--data-root``, ``TORCH_DACL_DATA`` or the
+cache of ``get_data.py``, see conftest.py; skipped when it is absent) exactly as CI and the
 README do, and checks the metrics JSON.
 """
 
@@ -87,7 +87,11 @@ TINY = ["--preset", "smoke", "--size", "32", "--labeled-bs", "2", "--unlabeled-b
 # ----------------------------------------------------------------------------- data root and errors
 def test_resolve_data_root(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_DACL_DATA", raising=False)
-    assert acdc_data.resolve_data_root() == (REPO.parent / "shared" / "data").resolve()
+    monkeypatch.setenv("TORCH_DACL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ACDCDataError, match=r"get_data\.py acdc"):  # nothing anywhere, no download
+        acdc_data.resolve_data_root()
+    (tmp_path / "cache" / "data" / "ACDC").mkdir(parents=True)
+    assert acdc_data.resolve_data_root() == tmp_path / "cache" / "data"
     monkeypatch.setenv("TORCH_DACL_DATA", str(tmp_path))
     assert acdc_data.resolve_data_root() == tmp_path
     assert acdc_data.resolve_data_root(str(tmp_path / "x")) == tmp_path / "x"
@@ -130,10 +134,10 @@ def test_list_naming_absent_case(fake_root):
     assert "layout" in str(e.value)
 
 
-def test_missing_list_file(fake_root):
+def test_missing_list_file(fake_root, tmp_path):
     (fake_root / "ACDC" / "val.list").unlink()
     with pytest.raises(ACDCDataError, match="val.list"):
-        acdc_cps_dacl.main(["--data-root", str(fake_root)] + TINY)
+        acdc_cps_dacl.main(["--data-root", str(fake_root), "--output-dir", str(tmp_path / "run")] + TINY)
 
 
 def test_corrupt_h5(fake_root):
@@ -333,3 +337,20 @@ def test_crop_windows_and_basicunet(fake_root, tmp_path):
     assert [h["step"] for h in hist] == [2, 4]
     assert 0 <= hist[0]["train_seconds"] <= hist[1]["train_seconds"]  # cumulative training time
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    """best.pt and last.pt go through ``engine.save_atomic``: a save that fails half-way leaves
+    the previous checkpoint whole and no temporary file behind."""
+    import inspect
+
+    import engine
+
+    path = tmp_path / "best.pt"
+    engine.save_atomic({"step": 1}, path)
+    with pytest.raises(Exception):
+        engine.save_atomic({"step": 2, "bad": lambda: None}, path)  # a lambda cannot be pickled
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+    src = inspect.getsource(engine.Run)
+    assert 'torch.save(' not in src and src.count("save_atomic(") == 2  # last.pt (Run.save) and best.pt

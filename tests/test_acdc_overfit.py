@@ -2,7 +2,7 @@
 ACDC slices. A run that learns nothing (or a broken data pipeline) fails the Dice bar.
 
 Skipped only when the data is absent (lookup in conftest.py: --data-root, TORCH_DACL_DATA,
-../shared/data); about 10 s on one CPU thread.
+the get_data cache); about 10 s on one CPU thread.
 """
 
 import sys

@@ -405,6 +405,64 @@ def test_download_missing_file_fails_at_once(server, tmp_path):
     assert server.log == [("/nothing.zip", None)]
 
 
+def _closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens: the connection is refused, as offline."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_download_unreachable_fails_at_once_without_retries(tmp_path):
+    import time
+
+    logs = []
+    t = time.monotonic()
+    with pytest.raises(get_data.UnreachableError, match="cannot reach 127.0.0.1.*ConnectionRefusedError"):
+        get_data.download(f"{_closed_port_url()}/f.zip", tmp_path / "f.zip", progress=False, log=logs.append)
+    assert time.monotonic() - t < 5 and not any("retrying" in m for m in logs)
+    assert not (tmp_path / "f.zip.part").exists()
+
+
+def test_download_broken_transfer_says_what_it_kept(server, tmp_path, monkeypatch):
+    """Retries only a transfer that broke off; the message names the part file only if it exists."""
+    monkeypatch.setattr(get_data.time, "sleep", lambda s: None)
+    server.files["/f.zip"] = PAYLOAD
+    server.cut["/f.zip"] = 1000
+    with pytest.raises(get_data.DownloadError, match=r"after 0 retries; 1000 bytes kept in .*f\.zip\.part"):
+        _get(server, tmp_path / "f.zip", retries=0)
+    assert (tmp_path / "f.zip.part").stat().st_size == 1000
+    (tmp_path / "f.zip.part").unlink()
+    server.files["/f.zip"] = PAYLOAD
+    server.cut["/f.zip"] = 0
+    with pytest.raises(get_data.DownloadError, match="nothing was kept") as e:
+        _get(server, tmp_path / "f.zip", retries=0)
+    assert ".part" not in str(e.value) and not (tmp_path / "f.zip.part").exists()
+
+
+@pytest.mark.parametrize("dataset", ["acdc", "chaos"])
+def test_get_data_offline_exits_fast_naming_the_manual_route(tmp_path, dataset):
+    """``get_data.py`` with no network: one line, well within 15 s, naming ``--archive`` and
+    the page to download from by hand, and no partial file."""
+    import os
+    import subprocess
+    import time
+
+    env = dict(os.environ, TORCH_DACL_CACHE=str(tmp_path / "cache"), TORCH_DACL_MIRROR=_closed_port_url())
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, str(EXAMPLES / "get_data.py"), dataset, "--no-progress"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert time.monotonic() - t < 15
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    err = r.stderr.strip()
+    assert err.startswith("error: cannot reach") and len(err.splitlines()) == 1, err
+    assert f"get_data.py {dataset} --archive FILE" in err and get_data.SOURCES[dataset].page.split()[0] in err
+    assert "retrying" not in r.stdout and ".part" not in err
+    assert not list((tmp_path / "cache").rglob("*.part"))
+
+
 def test_get_data_command_downloads_verifies_and_prepares_from_a_mirror(server, tmp_path, monkeypatch, capsys):
     pytest.importorskip("pydicom")
     zpath = make_chaos(tmp_path, ids=("1",))
@@ -412,7 +470,8 @@ def test_get_data_command_downloads_verifies_and_prepares_from_a_mirror(server, 
     server.files["/CHAOS_Train_Sets.zip"] = blob
     server.cut["/CHAOS_Train_Sets.zip"] = len(blob) // 3
     pinned = get_data.Source(url="https://example.invalid/never-used", filename="CHAOS_Train_Sets.zip",
-                             md5=hashlib.md5(blob).hexdigest(), size=len(blob), provenance="test fixture")
+                             md5=hashlib.md5(blob).hexdigest(), size=len(blob), provenance="test fixture",
+                             page="https://example.invalid/page", what="a test archive")
     monkeypatch.setitem(get_data.SOURCES, "chaos", pinned)
     monkeypatch.setattr(get_data, "CHAOS_MR_IDS", ("1",))
     cache = tmp_path / "cache"
@@ -444,28 +503,23 @@ def test_get_data_acdc_from_a_local_archive(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- the lookup
 def test_data_root_lookup_order(tmp_path, monkeypatch):
-    cache, dev = tmp_path / "cache", tmp_path / "repo" / ".." / "shared" / "data"
+    cache = tmp_path / "cache"
     monkeypatch.setenv("TORCH_DACL_CACHE", str(cache))
     monkeypatch.delenv("TORCH_DACL_DATA", raising=False)
-    monkeypatch.setattr(_data, "REPO_ROOT", tmp_path / "repo")
-    (tmp_path / "repo").mkdir()
-    # nothing anywhere: the error names the command
-    with pytest.raises(_data.DataNotFoundError, match=r"python examples/get_data\.py acdc"):
+    # nothing anywhere: the error names the command and where it looked
+    with pytest.raises(_data.DataNotFoundError, match=r"python examples/get_data\.py acdc") as e:
         _data.resolve_data_root(None, "acdc")
-    # the development copy is the last resort
-    (dev / "ACDC").mkdir(parents=True)
-    assert _data.resolve_data_root(None, "acdc") == dev.resolve()
-    with pytest.raises(_data.DataNotFoundError, match=r"get_data\.py chaos"):
-        _data.resolve_data_root(None, "chaos")
-    # the cache comes before it
+    assert str(cache / "data") in str(e.value) and "TORCH_DACL_DATA not set" in str(e.value)
+    # the cache, where get_data.py puts it
     (cache / "data" / "ACDC").mkdir(parents=True)
     assert _data.resolve_data_root(None, "acdc") == cache / "data"
+    with pytest.raises(_data.DataNotFoundError, match=r"get_data\.py chaos"):
+        _data.resolve_data_root(None, "chaos")
     # the environment variable before the cache, the argument before everything, as given
     monkeypatch.setenv("TORCH_DACL_DATA", str(tmp_path / "env"))
     assert _data.resolve_data_root(None, "acdc") == tmp_path / "env"
     assert _data.resolve_data_root(str(tmp_path / "arg"), "acdc") == tmp_path / "arg"
-    assert [w for w, _ in _data.data_sources("x")] == ["--data-root", "$TORCH_DACL_DATA", "cache",
-                                                       "development copy"]
+    assert [w for w, _ in _data.data_sources("x")] == ["--data-root", "$TORCH_DACL_DATA", "cache"]
 
 
 def test_cache_dir_defaults(monkeypatch, tmp_path):
@@ -506,44 +560,65 @@ def make_acdc_release_for_the_shipped_split(tmp: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_get_data_then_the_smoke_preset_runs_on_the_result(server, tmp_path):
-    """``get_data.py acdc --url <local mirror>`` downloads, verifies, prepares; the ACDC
-    example's smoke preset then finds the data in the cache and runs."""
+def test_main_command_downloads_prepares_and_trains_in_one_go(server, tmp_path):
+    """The README's main command on a machine with no data anywhere: it says what it fetches,
+    how large it is and where it goes, downloads it (here from a local mirror, through
+    ``$TORCH_DACL_MIRROR``), prepares it into the cache and trains; ``evaluate_acdc.py`` then
+    finds the data where the run read them (its config), with no --data-root."""
+    import json
     import os
     import subprocess
 
     pytest.importorskip("segmentation_models_pytorch")
     pytest.importorskip("medpy")
     zpath = make_acdc_release_for_the_shipped_split(tmp_path)
-    server.files["/acdc.zip"] = zpath.read_bytes()
+    server.files["/ACDC.zip"] = zpath.read_bytes()
     env = {k: v for k, v in os.environ.items() if k != "TORCH_DACL_DATA"}
-    env.update(TORCH_DACL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(EXAMPLES / "get_data.py"), "acdc", "--url", f"{server.url}/acdc.zip",
-                        "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "check: archive structure" in r.stdout and "1312 training slices" in r.stdout
+    env.update(TORCH_DACL_CACHE=str(tmp_path / "cache"), TORCH_DACL_MIRROR=server.url, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(EXAMPLES / "acdc_cps_dacl.py"), "--preset", "smoke", "--no-plot",
                         "--threads", "1", "--output-dir", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert str(tmp_path / "cache" / "data" / "ACDC") in (tmp_path / "run" / "config.json").read_text()
+    out = r.stdout
+    assert "no ACDC data found" in out and "--no-download refuses" in out
+    assert f"from  {server.url}/ACDC.zip" in out and "size  not published" in out
+    assert f"into  {tmp_path / 'cache' / 'downloads' / 'ACDC.zip'}" in out and "1312 training slices" in out
+    assert [p for p, _ in server.log] == ["/ACDC.zip"]
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["acdc_dir"] == str(tmp_path / "cache" / "data" / "ACDC")
     assert (tmp_path / "run" / "metrics.json").is_file()
+    env.pop("TORCH_DACL_CACHE")  # the evaluation reads the run's data location from its config
+    r = subprocess.run([sys.executable, str(EXAMPLES / "evaluate_acdc.py"), str(tmp_path / "run" / "best.pt"),
+                        "--limit", "1", "--output", str(tmp_path / "eval.json")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["num_cases"] == 1
 
 
-def test_examples_without_data_name_the_command(tmp_path):
-    """In a checkout with no ``../shared`` and an empty cache, both examples stop with an
-    error that names the command that gets the data."""
+@pytest.mark.parametrize("mode", ["no-download", "offline"])
+def test_examples_without_data_name_the_command(tmp_path, mode):
+    """In a checkout with an empty cache, both examples stop with one line and no traceback:
+    ``--no-download`` names the command that gets the data; offline, the automatic download
+    fails at once and names ``get_data.py --archive``."""
     import os
     import shutil
     import subprocess
+    import time
 
     repo = tmp_path / "clone"
     shutil.copytree(EXAMPLES, repo / "examples", ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "TORCH_DACL_DATA"}
-    env.update(TORCH_DACL_CACHE=str(tmp_path / "empty-cache"),
+    env.update(TORCH_DACL_CACHE=str(tmp_path / "empty-cache"), TORCH_DACL_MIRROR=_closed_port_url(),
                PYTHONPATH=os.pathsep.join([str(EXAMPLES.parent), env.get("PYTHONPATH", "")]))
     for script, dataset in (("acdc_cps_dacl.py", "acdc"), ("synapse_cps_dacl.py", "chaos")):
-        r = subprocess.run([sys.executable, str(repo / "examples" / script), "--preset", "smoke"],
+        t = time.monotonic()
+        r = subprocess.run([sys.executable, str(repo / "examples" / script), "--preset", "smoke",
+                            "--output-dir", str(tmp_path / "run"), *(["--no-download"] if mode == "no-download" else [])],
                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert f"python examples/get_data.py {dataset}" in r.stderr, r.stderr[-3000:]
+        err = r.stderr.strip().splitlines()[-1]
+        if mode == "no-download":
+            assert f"python examples/get_data.py {dataset}" in err, r.stderr[-3000:]
+        else:
+            assert err.startswith("error: cannot reach") and f"get_data.py {dataset} --archive FILE" in err, err
+            assert time.monotonic() - t < 60  # (the import of torch and the examples' packages counts)

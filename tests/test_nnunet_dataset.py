@@ -27,7 +27,6 @@ import nnunet_data as nd  # noqa: E402
 import synapse_data as sd  # noqa: E402
 from nnunet_data import NnUNetDataError  # noqa: E402
 
-CHAOS_DIR = REPO.parent / "shared" / "data" / "CHAOS-T2"
 
 
 # ----------------------------------------------------------------------------- synthetic datasets
@@ -332,7 +331,7 @@ def test_2d_example_end_to_end(tmp_path, kind):
 
 
 # ----------------------------------------------------------------------------- CHAOS-T2 converted
-def test_converted_splits_are_the_fixed_ones():
+def test_converted_splits_are_the_fixed_ones(tmp_path):
     import convert_to_nnunet as conv
 
     full = conv.converted_split("chaos")
@@ -342,47 +341,42 @@ def test_converted_splits_are_the_fixed_ones():
     assert back["val"] == ref["val"] and back["test"] == ref["test"]
     ids = full["train"] + full["val"] + full["test"]
     for n in (2, 4):
-        s = nd.resolve_split(ids, _write(full), n)
+        s = nd.resolve_split(ids, _write(full, tmp_path / f"chaos{n}.json"), n)
         assert [conv.chaos_source_id(c) for c in s["labeled"]] == sd.load_split("chaos_t2", n)["labeled"]
     syn = conv.converted_split("btcv")  # DHC's labeled sets are not nested: labeled_N keys keep them
     ids = syn["train"] + syn["val"] + syn["test"]
     for n in (2, 4):
-        s = nd.resolve_split(ids, _write(syn), n)
+        s = nd.resolve_split(ids, _write(syn, tmp_path / f"btcv{n}.json"), n)
         assert s["labeled"] == [conv.btcv_case_id(i) for i in sd.load_split("synapse_dhc", n)["labeled"]]
 
 
-def _write(split: dict) -> Path:
-    import tempfile
-
-    path = Path(tempfile.mkdtemp()) / "split.json"
+def _write(split: dict, path: Path) -> Path:
     path.write_text(json.dumps(split))
     return path
 
 
-@pytest.mark.skipif(not CHAOS_DIR.exists(), reason="../shared/data/CHAOS-T2 is missing")
-def test_chaos_conversion_keeps_voxels_and_labels(tmp_path):
+def test_chaos_conversion_keeps_voxels_and_labels(tmp_path, chaos_dir):
     import convert_to_nnunet as conv
 
-    dst = conv.main(["chaos", str(CHAOS_DIR), str(tmp_path / "Dataset501_CHAOS_T2"), "--cases", "36", "10"])
+    dst = conv.main(["chaos", str(chaos_dir), str(tmp_path / "Dataset501_CHAOS_T2"), "--cases", "36", "10"])
     info = nd.read_dataset_json(dst)
     assert info.class_names == list(sd.CHAOS_CLASSES) and info.channel_names == ["T2"]
     cases = nd.list_cases(info)
     assert list(cases) == ["CHAOS_010", "CHAOS_036"]
     split = json.loads((dst / "split.json").read_text())
     assert split["train"] == ["CHAOS_036"] and split["test"] == ["CHAOS_010"]
-    v = sd.read_generic_case(CHAOS_DIR, "36", normalization="minmax")
+    v = sd.read_generic_case(chaos_dir, "36", normalization="minmax")
     c = nd.load_case(info, "CHAOS_036", cases["CHAOS_036"])
     assert c.image.shape[1:] == v.image.shape and np.array_equal(c.label, v.label)
     assert c.spacing == pytest.approx(v.spacing)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CHAOS_DIR.exists(), reason="../shared/data/CHAOS-T2 is missing")
-def test_chaos_converted_smoke_matches_the_chaos_run(tmp_path):
+def test_chaos_converted_smoke_matches_the_chaos_run(tmp_path, chaos_dir):
     import convert_to_nnunet as conv
     import synapse_cps_dacl as ex
 
-    dst = conv.main(["chaos", str(CHAOS_DIR), str(tmp_path / "Dataset501_CHAOS_T2")])
+    dst = conv.main(["chaos", str(chaos_dir), str(tmp_path / "Dataset501_CHAOS_T2")])
     out = tmp_path / "run"
     m = ex.main(["--preset", "smoke", "--method", "dacl", "--dataset-dir", str(dst), "--labeled", "2",
                  "--output-dir", str(out), "--no-progress", "--device", "cpu"])
