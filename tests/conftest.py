@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 import _data  # noqa: E402  (the examples' one data lookup; the tests use it as it is)
 
-# The tests write nothing inside the checkout: hypothesis keeps no example database there.
+# The tests write nothing inside the checkout: hypothesis keeps no example database, and its
+# other files (a cache of the constants it reads from the code) go to a temporary folder,
+# removed at exit, instead of ./.hypothesis.
 try:
     from hypothesis import settings
+    from hypothesis.configuration import set_hypothesis_home_dir
 
     settings.register_profile("hermetic", database=None)
     settings.load_profile("hermetic")
+    _HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="torch-dacl-hypothesis-")
+    set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+    atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 except ImportError:  # pragma: no cover  (hypothesis is a test dependency)
     pass
 
