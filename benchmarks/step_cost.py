@@ -68,6 +68,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = {
     "cps": ["--method", "cps"],
     "dacl": ["--method", "dacl"],
+    "dacl, dense heads": ["--method", "dacl", "--dense-heads"],
     "dacl, fixed 0.95": ["--method", "dacl", "--pseudo-policy", "fixed"],
     "dacl, 512 samples/class": ["--method", "dacl", "--max-samples-per-class", "512"],
     "dacl, 512 samples/class, bank 500": ["--method", "dacl", "--max-samples-per-class", "512", "--bank-size", "500"],
@@ -82,12 +83,12 @@ EXAMPLES = {
                  variants=list(VARIANTS)),
     "chaos": dict(task=synapse_cps_dacl.TASK, argv=["--dataset", "chaos", "--labeled", "4"],
                   what="the CHAOS-T2 3D example (4 labeled volumes)",
-                  variants=["cps", "dacl", "dacl, fixed 0.95", "dacl, 512 samples/class",
+                  variants=["cps", "dacl", "dacl, dense heads", "dacl, fixed 0.95", "dacl, 512 samples/class",
                             "dacl, 512 samples/class, bank 500"]),
 }
 STAGES = ("forward", "sup_loss", "objective", "backward", "optimizer")  # engine.Run.train_step's record_function names
 
-SETTINGS = ("method", "pseudo_policy", "max_samples_per_class", "bank_size", "amp")  # recorded per row
+SETTINGS = ("method", "dense_heads", "pseudo_policy", "max_samples_per_class", "bank_size", "amp")  # recorded per row
 
 
 class Timed:
@@ -123,7 +124,7 @@ class Timed:
         with torch.no_grad(), torch.autocast("cpu", dtype=run.amp or torch.float32, enabled=run.amp is not None):
             out = run.net(x)
         run.wrapper.train()
-        emb = [getattr(out, f"embeddings_{m}", None) for m in "ab"]
+        emb = [out[2], out[3]] if run.cfg["method"] == "dacl" else [None, None]  # embeddings, or sparse heads' features
         leaves = [out.logits_a.detach().float(), out.logits_b.detach().float(),
                   *(None if e is None else e.detach() for e in emb)]
         for t in leaves:

@@ -43,7 +43,8 @@ def build_wrapper(cfg: dict) -> CoTrainingWrapper:
     a = build_unet(cfg["encoder"], dec, k, c)
     b = build_unet(cfg["encoder"], dec, k, c)
     layer = "upcat_1" if cfg["encoder"] == "basicunet" else "decoder"  # the full-resolution decoder features
-    return CoTrainingWrapper(a, b, feature_layer=layer, feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]))
+    return CoTrainingWrapper(a, b, feature_layer=layer, feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]),
+                             sparse_heads=not cfg.get("dense_heads", False), point_norm=cfg.get("point_norm", "sample"))
 
 
 @torch.no_grad()

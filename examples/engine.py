@@ -207,6 +207,11 @@ def _objective_flags(g) -> None:
     g.add_argument("--pseudo-confidence", type=float_range(0, 1), default=0.95,
                    help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi, see --mask-threshold)")
     g.add_argument("--pseudo-fraction", type=float_range(0, 1, lo_open=True), default=0.5, help="see --pseudo-policy")
+    g.add_argument("--dense-heads", action="store_true", help="run the projection heads over every pixel (the "
+                   "dense path) instead of at the pixels DACL samples (the sparse heads, default; docs: Design "
+                   "decisions)")
+    g.add_argument("--point-norm", choices=("sample", "frozen"), default="sample", help="the sparse heads' "
+                   "normalisation: BatchNorm statistics of the sampled pixels, or the running statistics, frozen")
     g.add_argument("--head-weight", type=float_range(0), default=None, help="the projection heads learn from this times the "
                    "DACL loss at every step (default: the paper, lambda_CL(t))")
     g.add_argument("--grad-share-every", type=int_range(1), default=None, help="every N steps, measure DACL's share of the "
@@ -339,8 +344,8 @@ def build_objective(cfg: dict, wrapper) -> DACLObjective:
         lambda_cl=cfg["lambda_cl"], lambda_cross=cfg["lambda_cross"], warmup=cfg["warmup_steps"],
         contrastive=cfg["method"] == "dacl", pseudo_policy=cfg["pseudo_policy"],
         pseudo_confidence=cfg["pseudo_confidence"], pseudo_fraction=cfg["pseudo_fraction"],
-        pixel_stride=cfg["cl_stride"], head_weight=cfg["head_weight"],
-        heads=(wrapper.head_a, wrapper.head_b) if cfg["head_weight"] is not None else None, ignore_index=-100,
+        pixel_stride=cfg["cl_stride"], head_weight=cfg["head_weight"], heads=wrapper.heads,
+        sparse_heads=not cfg["dense_heads"], ignore_index=-100,
         temperature=cfg["temperature"], ks=tuple(cfg["ks"]), num_anchors=cfg["num_anchors"],
         num_positives=cfg["num_positives"], num_negatives=cfg["num_negatives"], bank_size=cfg["bank_size"],
         bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"], sampling=cfg["sampling"],
@@ -450,8 +455,8 @@ class Run:
                                                               max_weight=cfg["lambda_cross"], warmup_steps=0)
             labeled = torch.arange(x.shape[0], device=self.device) < lbs
             with record_function("step.objective"):
-                res = self.objective(la, lb, getattr(out, "embeddings_a", None), getattr(out, "embeddings_b", None),
-                                     y, labeled)
+                emb = (out[2], out[3]) if cfg["method"] == "dacl" else (None, None)  # embeddings, or the features
+                res = self.objective(la, lb, *emb, y, labeled)                        # of the sparse heads
             loss, logs["cross"] = loss + res.loss, res.cross
             if cfg["method"] == "dacl":
                 logs["cl"] = res.cl_a + res.cl_b

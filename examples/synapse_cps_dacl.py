@@ -315,7 +315,9 @@ class Synapse(engine.Task):
         k = len(data.class_names)
         wrapper = CoTrainingWrapper(build_unet(cfg, k, data.spacing), build_unet(cfg, k, data.spacing),
                                     feature_layer=feature_layer_name(cfg), feature_channels=cfg["features"][0],
-                                    embed_dim=cfg["embed_dim"], hidden_dim=cfg["hidden_dim"], spatial_dims=3)
+                                    embed_dim=cfg["embed_dim"], hidden_dim=cfg["hidden_dim"], spatial_dims=3,
+                                    sparse_heads=not cfg.get("dense_heads", False),
+                                    point_norm=cfg.get("point_norm", "sample"))
         on = cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and cfg["device"] == "cpu")
         fmt = torch.channels_last_3d if on else torch.contiguous_format
         if on and _dist.is_dist():  # DDP's note on the 1x1x1 kernels, whose strides differ in size-1 dims only

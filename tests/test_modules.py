@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import torch_dacl.functional as DF
-from torch_dacl import (ClassMemoryBank, CoTrainingWrapper, GaussianRampUp, MaskedAveragePool, MultiScaleDensity,
+from torch_dacl import (ClassMemoryBank, CoTrainingFeatures, CoTrainingOutput, CoTrainingWrapper, GaussianRampUp, MaskedAveragePool, MultiScaleDensity,
                         SoftDensityContrastiveLoss)
 from torch_dacl.ablation import table2_options
 
@@ -269,15 +269,21 @@ def _net(cin=1, classes=4, spatial_dims=2):
     return nn.Sequential(conv(cin, 6, 3, padding=1), nn.ReLU(), conv(6, classes, 1))
 
 
+@pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_cotraining_wrapper_any_module(spatial_dims):
+def test_cotraining_wrapper_any_module(spatial_dims, sparse):
     w = CoTrainingWrapper(_net(spatial_dims=spatial_dims), _net(spatial_dims=spatial_dims), feature_layer="1",
-                          feature_channels=6, embed_dim=8, spatial_dims=spatial_dims)
+                          feature_channels=6, embed_dim=8, spatial_dims=spatial_dims, sparse_heads=sparse)
     x = torch.randn((2, 1) + (8,) * spatial_dims)
     out = w(x)
     assert out.logits_a.shape == (2, 4) + (8,) * spatial_dims
-    assert out.embeddings_a.shape == (2, 8) + (8,) * spatial_dims
-    loss = w.cross_loss(out.logits_a, out.logits_b) + small(num_classes=4)(out.embeddings_a, out.logits_b.argmax(1))
+    if sparse:  # the feature maps; the loss runs the head at its sampled pixels
+        assert isinstance(out, CoTrainingFeatures) and out.features_a.shape == (2, 6) + (8,) * spatial_dims
+        cl = small(num_classes=4)(out.features_a, out.logits_b.argmax(1), head=w.head_a)
+    else:
+        assert isinstance(out, CoTrainingOutput) and out.embeddings_a.shape == (2, 8) + (8,) * spatial_dims
+        cl = small(num_classes=4)(out.embeddings_a, out.logits_b.argmax(1))
+    loss = w.cross_loss(out.logits_a, out.logits_b) + cl
     loss.backward()
     assert w.head_a.net[0].weight.grad is not None and w.model_b[0].weight.grad is not None
 
@@ -299,6 +305,10 @@ def test_cotraining_wrapper_with_smp_unet():
     smp = pytest.importorskip("segmentation_models_pytorch")
     kw = dict(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=4, encoder_depth=3,
               decoder_channels=(32, 16, 8))
-    w = CoTrainingWrapper(smp.Unet(**kw), smp.Unet(**kw), feature_layer="decoder", feature_channels=8, embed_dim=16)
+    w = CoTrainingWrapper(smp.Unet(**kw), smp.Unet(**kw), feature_layer="decoder", feature_channels=8, embed_dim=16,
+                          sparse_heads=False)
     out = w(torch.randn(2, 1, 32, 32))
     assert out.embeddings_b.shape == (2, 16, 32, 32) and out.logits_a.shape == (2, 4, 32, 32)
+    w.sparse_heads = True
+    out = w(torch.randn(2, 1, 32, 32))
+    assert out.features_b.shape == (2, 8, 32, 32) and out.logits_a.shape == (2, 4, 32, 32)

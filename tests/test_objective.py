@@ -186,17 +186,18 @@ def test_warmup_fraction_and_warning():
 
 
 # ----------------------------------------------------------------------------- heads
-def _wrapper():
+def _wrapper(sparse=False):
     torch.manual_seed(0)
 
     def net():
         return torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(6, C, 1))
-    return CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=6, embed_dim=D)
+    return CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=6, embed_dim=D, sparse_heads=sparse)
 
 
 def _grads(wrapper, head_weight, steps_before=0):
     obj = DACLObjective(C, D, total_steps=10, warmup=3, head_weight=head_weight,
-                        heads=(wrapper.head_a, wrapper.head_b) if head_weight else None, **SMALL)
+                        heads=(wrapper.head_a, wrapper.head_b) if head_weight or wrapper.sparse_heads else None,
+                        sparse_heads=wrapper.sparse_heads, **SMALL)
     for _ in range(steps_before):
         obj.step()
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -211,17 +212,19 @@ def _grads(wrapper, head_weight, steps_before=0):
     return head, body, res
 
 
-def test_head_weight_trains_heads_during_warmup_without_touching_the_backbone():
-    head, body, res = _grads(_wrapper(), head_weight=1.0)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_head_weight_trains_heads_during_warmup_without_touching_the_backbone(sparse):
+    head, body, res = _grads(_wrapper(sparse), head_weight=1.0)
     assert res.lambda_cl == 0.0
     assert float(head.abs().sum()) > 0  # the heads learn in the warm-up
     assert float(body.abs().sum()) == 0.0  # the backbone does not
 
 
-def test_head_weight_keeps_the_backbone_gradient_of_the_paper():
-    _, body_paper, res = _grads(_wrapper(), head_weight=None, steps_before=8)
-    head_w, body_w, _ = _grads(_wrapper(), head_weight=0.5, steps_before=8)
-    head_p, _, _ = _grads(_wrapper(), head_weight=None, steps_before=8)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_head_weight_keeps_the_backbone_gradient_of_the_paper(sparse):
+    _, body_paper, res = _grads(_wrapper(sparse), head_weight=None, steps_before=8)
+    head_w, body_w, _ = _grads(_wrapper(sparse), head_weight=0.5, steps_before=8)
+    head_p, _, _ = _grads(_wrapper(sparse), head_weight=None, steps_before=8)
     assert res.lambda_cl > 0
     torch.testing.assert_close(body_w, body_paper, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(head_w, head_p * (0.5 / res.lambda_cl), rtol=1e-4, atol=1e-5)

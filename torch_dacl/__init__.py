@@ -12,7 +12,9 @@ Public API (everything importable from ``torch_dacl``; the submodules are implem
 - ``ClassMemoryBank``, ``MultiScaleDensity``, ``MaskedAveragePool``, ``GaussianRampUp``:
   the building blocks (memory bank, Eq. 3-5, Eq. 2, Eq. 1's lambda_CL(t)).
 - ``CoTrainingWrapper``, ``SegmentationWithEmbeddings``, ``ProjectionHead``,
-  ``cross_pseudo_supervision_loss``: two networks with projection heads, L_cross.
+  ``cross_pseudo_supervision_loss``: two networks with projection heads, L_cross;
+  ``feature_layers`` lists the layers a head can read; ``save_checkpoint`` /
+  ``load_checkpoint`` keep the state of a loop (heads, objective, optimizers).
 - ``torch_dacl.stages``: the stages the loss is composed of (pixel sampler, anchor/key
   miner, the Eq. 9-10 term, the bank policy, the random stream); ``torch_dacl.ablation``:
   Table 2's rows (``TABLE2``, ``table2_options``, ``SoftDensityContrastiveLoss.from_table2``);
@@ -28,7 +30,9 @@ the design decisions the paper leaves open, tutorials and the API reference.
 from . import ablation, distributed, functional, options, stages
 from .ablation import TABLE2, table2_options
 from .bank import ClassMemoryBank
-from .cotraining import CoTrainingOutput, CoTrainingWrapper, ProjectionHead, SegmentationWithEmbeddings, scale_gradient
+from .checkpoint import load_checkpoint, save_checkpoint
+from .cotraining import (CoTrainingFeatures, CoTrainingOutput, CoTrainingWrapper, FeatureLayer, ProjectionHead,
+                         SegmentationWithEmbeddings, feature_layers, scale_gradient)
 from .functional import cross_pseudo_supervision_loss, dacl_labels, sample_pixels_per_class
 from .loss import DACLDetails, SoftDensityContrastiveLoss
 from .modules import GaussianRampUp, MaskedAveragePool, MultiScaleDensity
@@ -38,11 +42,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClassMemoryBank",
+    "CoTrainingFeatures",
     "CoTrainingOutput",
     "CoTrainingWrapper",
     "DACLDetails",
     "DACLObjective",
     "DACLObjectiveOutput",
+    "FeatureLayer",
     "GaussianRampUp",
     "MaskedAveragePool",
     "MultiScaleDensity",
@@ -51,7 +57,10 @@ __all__ = [
     "SoftDensityContrastiveLoss",
     "cross_pseudo_supervision_loss",
     "dacl_labels",
+    "feature_layers",
     "gradient_share",
+    "load_checkpoint",
+    "save_checkpoint",
     "TABLE2",
     "ablation",
     "distributed",

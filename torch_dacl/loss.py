@@ -316,14 +316,23 @@ class SoftDensityContrastiveLoss(nn.Module):
 
     # ------------------------------------------------------------------ input handling
     def _prepare(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, probs: Optional[torch.Tensor]
+        self, embeddings: torch.Tensor, labels: torch.Tensor, probs: Optional[torch.Tensor], head=None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Validate the inputs; resize labels (and probs) to the embeddings' spatial size."""
         check_rank("embeddings", embeddings, (4, 5), "(N, D, *spatial) with 2 or 3 spatial dims")
         check_float("embeddings", embeddings)
         n, d = embeddings.shape[:2]
         spatial = embeddings.shape[2:]
-        if d != self.dim:
+        if head is not None:
+            if self.miner.anchor_mode == "class":
+                raise ValueError("head: anchor_mode='class' takes its gradient through the prototypes of every "
+                                 "pixel (Eq. 2), so it needs the dense embeddings: pass head(features), not head=")
+            want = getattr(head, "in_channels", None)
+            if want is not None and d != want:
+                raise ValueError(f"embeddings: with head=, the feature map the head reads, expected {want} channels "
+                                 f"(the head's in_channels) in shape (N, {want}, *spatial), got shape "
+                                 f"{tuple(embeddings.shape)}")
+        elif d != self.dim:
             raise ValueError(f"embeddings: expected {self.dim} channels (dim) in shape (N, {self.dim}, *spatial), "
                              f"got shape {tuple(embeddings.shape)}")
         if labels.dim() != embeddings.dim() - 1 or labels.shape[0] != n:
@@ -351,28 +360,55 @@ class SoftDensityContrastiveLoss(nn.Module):
         labels: torch.Tensor,
         probs: Optional[torch.Tensor] = None,
         return_details: bool = False,
+        head: Optional[Callable[..., torch.Tensor]] = None,
     ):
         """Compute the DACL loss and update the memory bank.
 
         Args:
-            embeddings: projection-head output ``(N, D, *spatial)`` (any float dtype).
+            embeddings: projection-head output ``(N, D, *spatial)`` (any float dtype); with
+                ``head``, the feature map the head reads, ``(N, F, *spatial)``.
             labels: ``(N, *spatial')`` ground truth or pseudo labels (any integer dtype).
             probs: optional ``(N, C, *spatial)`` probabilities for the prototypes (Eq. 2).
             return_details: also return a :class:`DACLDetails`.
+            head: the projection head, run here on the sampled pixels only (the *sparse
+                head*, see below): a :class:`~torch_dacl.ProjectionHead` (its
+                :meth:`~torch_dacl.ProjectionHead.embed_points`) or any pointwise module
+                that maps ``(M, F)`` rows to ``(M, D)``.
+
+        **Sparse head.** The loss reads the embeddings only at the pixels it samples, and the
+        sample depends on the labels alone. With ``head``, the pixels are sampled first, the
+        feature vectors gathered there and the head run on them, with gradient; the dense
+        embedding map is never made. At the sampled pixels the loss and its gradient on the
+        feature map are the dense path's (``head(features)`` passed as ``embeddings``) up
+        to the head's normalisation (see :class:`~torch_dacl.ProjectionHead`), and the
+        gradient is zero elsewhere, as in the dense path. Eq. 2's per-image prototypes
+        (for the bank) are then the means over the *sampled* pixels of each image and class
+        (:func:`~torch_dacl.stages.sampled_prototypes`): an estimate of the mean over all
+        its pixels, and no prototype for an image whose class got no sampled pixel. This is
+        a deviation from Eq. 2, which averages every pixel (docs: Design decisions). Not with
+        ``anchor_mode="class"`` (its anchors take gradient through the dense prototypes).
 
         Returns:
             The scalar loss, or a :class:`DACLDetails` when ``return_details``.
         """
-        labels, probs = self._prepare(embeddings, labels, probs)
+        labels, probs = self._prepare(embeddings, labels, probs, head)
         shared, local = self.stream.next(embeddings.device, self.sampler.distributed)
         # Eq. 2: per-image class prototypes, as class-wise anchors and/or for the bank
         class_anchors = self.miner.anchor_mode == "class"
-        protos = (None, None)
-        if class_anchors or self.bank_policy.stores_prototypes:
+        protos, pool = (None, None), None
+        if head is not None:  # the sparse head: prototypes from the sampled pixels (in the sampler)
+            if self.bank_policy.stores_prototypes:
+                pool = probs if probs is not None else embeddings.new_zeros(0)
+        elif class_anchors or self.bank_policy.stores_prototypes:
             maps = probs if probs is not None else one_hot_maps(labels, self.num_classes, self.ignore_index)
             protos = self.pool(embeddings if class_anchors else embeddings.detach(), maps)
-        # 1. per-class pixel sample, gathered with the prototypes across ranks (one collective)
-        batch = self.sampler(embeddings, labels, *protos, generator=local)
+        # 1. per-class pixel sample (the sparse head runs here), gathered with the prototypes
+        #    across ranks (one collective)
+        batch = self.sampler(embeddings, labels, *protos, generator=local, head=head, pool=pool,
+                             threshold=self.pool.threshold)
+        if head is not None and batch.features.shape[-1] != self.dim:
+            raise ValueError(f"head: expected it to map the features to {self.dim} channels (dim), got "
+                             f"{batch.features.shape[-1]}")
         # 2. multi-scale kNN density against the batch and the class memory (Eq. 3-5)
         memory = self.bank_policy.memory(self.bank)
         keys = (None, None) if memory is None else (memory.features, memory.valid)

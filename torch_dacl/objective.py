@@ -80,6 +80,24 @@ class DACLObjective(nn.Module):
     :func:`gradient_share`). ``lambda_cl`` and ``reduction`` are therefore options, to be
     chosen on validation data.
 
+    **Sparse heads.** Given the two projection heads (``heads=(head_a, head_b)``, e.g.
+    ``CoTrainingWrapper.heads``; :meth:`from_wrapper` does it), the objective runs them itself,
+    inside each loss, at the pixels the loss samples only (``SoftDensityContrastiveLoss(...,
+    head=)``): the third and fourth arguments of :meth:`forward` are then the feature maps
+    the heads read (what :class:`~torch_dacl.CoTrainingWrapper` returns with
+    ``sparse_heads=True``, its default). ``sparse_heads=False`` keeps the dense path (the
+    arguments are the embeddings; ``heads`` are then only for ``head_weight``).
+    ``anchor_mode="class"`` (Table 3) always runs the heads densely: its anchors take
+    gradient through the prototypes of every pixel.
+
+    **Which rows each term covers.** The CPS term (:math:`\mathcal{L}_{cross}`,
+    :func:`~torch_dacl.functional.cross_pseudo_supervision_loss`) covers every row of the
+    batch, labeled and unlabeled, at every step with the constant ``lambda_cross``. A loop
+    that keeps its own CPS term (its own ramp, on its unlabeled rows) passes ``cross=False``:
+    the objective then neither computes nor returns a CPS term, and ``loss`` is the DACL term
+    alone. Each DACL term covers every row: ground truth on the labeled rows, pseudo labels on
+    the unlabeled ones.
+
     **Heads.** The projection heads' only gradient is the DACL term's, so with the paper's
     schedule they learn at :math:`\lambda_{CL}(t)` times the learning rate (nothing in the
     warm-up). With ``head_weight`` set (and the two :class:`~torch_dacl.ProjectionHead`\ s
@@ -92,7 +110,7 @@ class DACLObjective(nn.Module):
 
     Args:
         num_classes: ``C`` (background included).
-        dim: embedding dimension ``D``.
+        dim: embedding dimension ``D`` (None: the heads' ``out_channels``).
         total_steps: :math:`t_{max}` of the schedule.
         lambda_cl: the peak of :math:`\lambda_{CL}(t)` (0.1 in Eq. 1).
         lambda_cross: :math:`\lambda_{cross}` (1).
@@ -108,8 +126,12 @@ class DACLObjective(nn.Module):
         pixel_stride: DACL sees the pixels of a regular grid with this stride and a random
             offset per step (1 = every pixel); cheaper on a CPU.
         head_weight: see "Heads" above; None = the paper.
-        heads: the two :class:`~torch_dacl.ProjectionHead` modules (needed with
-            ``head_weight``; not registered here, they stay the model's).
+        heads: the two :class:`~torch_dacl.ProjectionHead` modules (not registered here, they
+            stay the model's): run sparsely by the losses (see "Sparse heads"), and needed
+            with ``head_weight``.
+        sparse_heads: with ``heads``, run them at the sampled pixels (default True) or take
+            dense embeddings (False).
+        cross: compute the CPS term (default True); False for a loop that keeps its own.
         ignore_index: label value that takes no part.
         **loss_options: passed to both :class:`~torch_dacl.SoftDensityContrastiveLoss`
             (``temperature``, ``ks``, ``num_anchors``, ``bank_size``, ``weighting``,
@@ -129,8 +151,8 @@ class DACLObjective(nn.Module):
         >>> def net():
         ...     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
         >>> wrapper = CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=8, embed_dim=16)
-        >>> objective = DACLObjective(num_classes=3, dim=16, total_steps=100, num_anchors=8,
-        ...                           num_positives=8, num_negatives=8, bank_size=16)
+        >>> objective = DACLObjective.from_wrapper(wrapper, num_classes=3, total_steps=100, num_anchors=8,
+        ...                                        num_positives=8, num_negatives=8, bank_size=16)
         >>> x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 3, (4, 16, 16), dtype=torch.uint8)
         >>> labeled = torch.tensor([True, True, False, False])
         >>> out = wrapper(x)
@@ -145,8 +167,8 @@ class DACLObjective(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        dim: int,
-        total_steps: int,
+        dim: Optional[int] = None,
+        total_steps: Optional[int] = None,
         lambda_cl: float = 0.1,
         lambda_cross: float = 1.0,
         warmup: Union[int, float] = 1 / 30,
@@ -158,9 +180,20 @@ class DACLObjective(nn.Module):
         head_weight: Optional[float] = None,
         heads: Optional[Sequence[ProjectionHead]] = None,
         ignore_index: int = -100,
+        sparse_heads: bool = True,
+        cross: bool = True,
         **loss_options,
     ) -> None:
         super().__init__()
+        if total_steps is None:
+            raise ValueError("total_steps: expected the number of training steps (t_max of Eq. 1's schedule), got None")
+        if heads is not None and (len(heads) != 2 or not all(isinstance(h, ProjectionHead) for h in heads)):
+            raise ValueError(f"heads: expected the two ProjectionHead modules, heads=(head_a, head_b), got {heads!r}")
+        if dim is None:
+            if heads is None:
+                raise ValueError("dim: expected the embedding dimension D (or heads=, whose out_channels give it), "
+                                 "got None")
+            dim = heads[0].out_channels
         look_up_option("pseudo_policy", pseudo_policy, PSEUDO_POLICIES)
         if loss_options.get("reduction") == "none":
             raise ValueError("reduction: expected 'mean' or 'sum' in DACLObjective (its terms are scalars), got 'none'")
@@ -175,7 +208,7 @@ class DACLObjective(nn.Module):
         if head_weight is not None:
             if not head_weight > 0:
                 raise ValueError(f"head_weight: expected a value > 0 or None, got {head_weight!r}")
-            if heads is None or len(heads) != 2 or not all(isinstance(h, ProjectionHead) for h in heads):
+            if heads is None:
                 raise ValueError("heads: head_weight needs the two ProjectionHead modules, "
                                  f"heads=(head_a, head_b); got {heads!r}")
         self.num_classes = num_classes
@@ -187,6 +220,8 @@ class DACLObjective(nn.Module):
         self.pixel_stride = pixel_stride
         self.head_weight = head_weight
         self.ignore_index = ignore_index
+        self.sparse_heads = bool(sparse_heads) and heads is not None
+        self.cross = bool(cross)
         self.ramp = GaussianRampUp(total_steps, max_weight=lambda_cl, warmup_steps=warmup)
         seed = loss_options.pop("seed", None)  # one seed: the two losses get distinct streams from it
         self.loss_a = SoftDensityContrastiveLoss(num_classes, dim, ignore_index=ignore_index, seed=seed,
@@ -196,11 +231,29 @@ class DACLObjective(nn.Module):
         self._heads: List[ProjectionHead] = list(heads) if heads is not None else []  # not registered
         self._sync_heads()
 
+    @classmethod
+    def from_wrapper(cls, wrapper, num_classes: int, total_steps: int, **options) -> "DACLObjective":
+        """The objective for a :class:`~torch_dacl.CoTrainingWrapper`: its heads (run sparsely
+        when the wrapper has ``sparse_heads``), the embedding size from them.
+
+        Example:
+            >>> import torch.nn as nn
+            >>> from torch_dacl import CoTrainingWrapper
+            >>> def net():
+            ...     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+            >>> wrapper = CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=8, embed_dim=16)
+            >>> objective = DACLObjective.from_wrapper(wrapper, num_classes=3, total_steps=100, num_anchors=8)
+            >>> objective.loss_a.dim, objective.sparse_heads
+            (16, True)
+        """
+        return cls(num_classes, None, total_steps, heads=wrapper.heads,
+                   sparse_heads=getattr(wrapper, "sparse_heads", False), **options)
+
     def extra_repr(self) -> str:
         return (f"lambda_cross={self.lambda_cross}, contrastive={self.contrastive}, "
                 f"pseudo_policy={self.pseudo_policy!r}, pseudo_confidence={self.pseudo_confidence}, "
                 f"pseudo_fraction={self.pseudo_fraction}, pixel_stride={self.pixel_stride}, "
-                f"head_weight={self.head_weight}")
+                f"head_weight={self.head_weight}, sparse_heads={self.sparse_heads}, cross={self.cross}")
 
     # ------------------------------------------------------------------ schedule and heads
     @property
@@ -246,11 +299,16 @@ class DACLObjective(nn.Module):
     ) -> DACLObjectiveOutput:
         """One step of Eq. 1 beyond :math:`\\mathcal{L}_{sup}` (see the class docstring).
 
-        The embeddings may be None with ``contrastive=False`` (plain CPS)."""
+        ``embeddings_a``, ``embeddings_b``: each model's embeddings ``(N, D, *S')``, or, with
+        sparse heads (``heads=`` given), the feature maps the heads read ``(N, F, *S')``. They
+        may be None with ``contrastive=False`` (plain CPS)."""
         lam = self.ramp.value
-        cross = DF.cross_pseudo_supervision_loss(logits_a, logits_b)
-        cross_term = self.lambda_cross * cross
-        zero = cross.new_zeros(())
+        if self.cross:
+            cross = DF.cross_pseudo_supervision_loss(logits_a, logits_b)
+            cross_term = self.lambda_cross * cross
+        else:  # the loop keeps its own CPS term
+            cross = cross_term = logits_a.new_zeros((), dtype=torch.float32)
+        zero = logits_a.new_zeros((), dtype=torch.float32)
         if not self.contrastive:
             return DACLObjectiveOutput(cross_term, cross_term, zero, cross, zero, zero, lam, {})
         if embeddings_a is None or embeddings_b is None:
@@ -261,6 +319,16 @@ class DACLObjective(nn.Module):
         yb, conf_b = self.labels_for(labels, labeled, logits_a)
         pseudo = (self._count(ya, conf_a) + self._count(yb, conf_b)) / 2
         ea, eb = embeddings_a, embeddings_b
+        head_a = head_b = None
+        if self.sparse_heads:
+            head_a, head_b = self._heads
+            if ea.dim() >= 2 and ea.shape[1] != head_a.in_channels:
+                raise ValueError(f"embeddings_a: with sparse heads, expected the feature map the head reads, "
+                                 f"{head_a.in_channels} channels (N, {head_a.in_channels}, *S), got shape "
+                                 f"{tuple(ea.shape)}; pass CoTrainingWrapper(sparse_heads=True)'s features, or "
+                                 f"build the objective with sparse_heads=False for dense embeddings")
+            if self.loss_a.anchor_mode == "class":  # class anchors: gradient through every pixel's prototype
+                ea, eb, head_a, head_b = head_a(ea), head_b(eb), None, None
         s = self.pixel_stride
         if s > 1:  # a regular grid with a random offset (drawn on the CPU: no device sync)
             off = [int(v) for v in torch.randint(s, (ea.dim() - 2,))]
@@ -269,8 +337,8 @@ class DACLObjective(nn.Module):
                 raise ValueError(f"pixel_stride: expects labels at the embeddings' resolution "
                                  f"{tuple(ea.shape[2:])}, got {tuple(ya.shape[1:])}")
             ea, eb, ya, yb = ea[grid], eb[grid], ya[grid], yb[grid]
-        det_a = self.loss_a(ea, ya, return_details=True)
-        det_b = self.loss_b(eb, yb, return_details=True)
+        det_a = self.loss_a(ea, ya, return_details=True, head=head_a)
+        det_b = self.loss_b(eb, yb, return_details=True, head=head_b)
         weight = lam if self.head_weight is None else self.head_weight
         cl_term = weight * (det_a.loss + det_b.loss)
         stats = {k: (v + det_b.per_class()[k]) / 2 for k, v in det_a.per_class().items()}

@@ -18,6 +18,8 @@ bank_source   ``"prototype"``, ``"pixel"``           what the memory bank stores
 reduction     ``"mean"``, ``"sum"``, ``"none"``      how the per-anchor terms are reduced
 policy        ``"fixed"``, ``"class_fraction"``,     the pseudo-label policy of
               ``"class_prior"``                      :func:`~torch_dacl.functional.dacl_labels`
+point_norm    ``"sample"``, ``"frozen"``             a projection head's normalisation on sampled
+                                                     pixels (:meth:`~torch_dacl.ProjectionHead.embed_points`)
 ============  =====================================  ============================================
 """
 
@@ -28,8 +30,8 @@ from typing import Literal, get_args
 from ._validation import look_up_option
 
 __all__ = [
-    "Sampling", "Weighting", "AnchorMode", "BankSource", "Reduction", "PseudoPolicy",
-    "SAMPLINGS", "WEIGHTINGS", "ANCHOR_MODES", "BANK_SOURCES", "REDUCTIONS", "PSEUDO_POLICIES",
+    "Sampling", "Weighting", "AnchorMode", "BankSource", "Reduction", "PseudoPolicy", "PointNorm",
+    "SAMPLINGS", "WEIGHTINGS", "ANCHOR_MODES", "BANK_SOURCES", "REDUCTIONS", "PSEUDO_POLICIES", "POINT_NORMS",
     "look_up_option",
 ]
 
@@ -39,6 +41,7 @@ AnchorMode = Literal["pixel", "class"]
 BankSource = Literal["prototype", "pixel"]
 Reduction = Literal["mean", "sum", "none"]
 PseudoPolicy = Literal["fixed", "class_fraction", "class_prior"]
+PointNorm = Literal["sample", "frozen"]
 
 SAMPLINGS = get_args(Sampling)
 WEIGHTINGS = get_args(Weighting)
@@ -46,3 +49,4 @@ ANCHOR_MODES = get_args(AnchorMode)
 BANK_SOURCES = get_args(BankSource)
 REDUCTIONS = get_args(Reduction)
 PSEUDO_POLICIES = get_args(PseudoPolicy)
+POINT_NORMS = get_args(PointNorm)

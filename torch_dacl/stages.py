@@ -45,6 +45,9 @@ __all__ = [
     "BankPolicy",
     "RandomStream",
     "one_hot_maps",
+    "gather_points",
+    "sampled_prototypes",
+    "apply_head",
     "gather_rows",
     "select_top",
     "split_by_rank",
@@ -118,6 +121,48 @@ def count_shared(a_idx: torch.Tensor, a_valid: torch.Tensor, b_idx: torch.Tensor
     in_a = torch.zeros(c, width, dtype=torch.bool, device=a_idx.device).scatter_(1, a_idx, a_valid)
     in_b = torch.zeros(c, width, dtype=torch.bool, device=a_idx.device).scatter_(1, b_idx, b_valid)
     return (in_a & in_b).sum(1)
+
+
+def gather_points(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x (N, D, *S)``, ``index (...)`` flat positions into ``(N, *S)`` -> ``(..., D)``: the
+    feature vectors at those pixels.
+
+    Indexes the tensor in place (any memory layout: contiguous, channels-last, or a strided
+    view such as a pixel grid), so only the indexed vectors are copied; the gradient flows
+    back to those pixels alone.
+    """
+    coords = torch.unravel_index(index, (x.shape[0],) + tuple(x.shape[2:]))
+    return x.movedim(1, -1)[coords]
+
+
+def sampled_prototypes(features: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, masks: torch.Tensor,
+                       num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Eq. 2 on the sampled pixels: per-image class prototypes ``(C, N, D)`` and their
+    validity ``(C, N)``.
+
+    Prototype :math:`v_n` of image :math:`i` is the mean of the features of the sampled pixels
+    of image :math:`i` whose mask :math:`T_n` is set. Args: ``features (M, D)`` of the sampled
+    pixels (rows where ``valid (M,)`` is False take no part), ``image (M,)`` their image
+    index, ``masks (M, C)`` bool :math:`T_n` at each pixel. Vectorised (one ``index_add``).
+    A class no sampled pixel of an image carries gives that image no prototype.
+    """
+    m, d = features.shape
+    c = masks.shape[1]
+    w = (masks & valid.unsqueeze(1)).to(features.dtype)  # (M, C)
+    sums = features.new_zeros(num_images, c, d).index_add_(0, image, w.unsqueeze(-1) * features.unsqueeze(1))
+    counts = features.new_zeros(num_images, c).index_add_(0, image, w)
+    protos = sums / counts.clamp_min(1.0).unsqueeze(-1)
+    return protos.transpose(0, 1), (counts > 0).transpose(0, 1)
+
+
+def apply_head(head, features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``head`` on grouped point features ``(C, S, F)`` -> ``(C, S, D)``: its
+    ``embed_points(x, valid)`` when it has one (:class:`~torch_dacl.ProjectionHead`), else
+    ``head(x)`` on the ``(C*S, F)`` rows (any pointwise module, e.g. ``nn.Linear`` layers)."""
+    c, s, f = features.shape
+    rows = features.reshape(c * s, f)
+    out = head.embed_points(rows, valid.reshape(-1)) if hasattr(head, "embed_points") else head(rows)
+    return out.reshape(c, s, out.shape[-1])
 
 
 def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
@@ -238,25 +283,45 @@ class PixelSampler(nn.Module):
         prototypes: Optional[torch.Tensor] = None,
         prototypes_valid: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        *,
+        head=None,
+        pool: Optional[torch.Tensor] = None,
+        threshold: float = 0.5,
     ) -> Sample:
         """Sample ``embeddings (N, D, *S)`` by ``labels (N, *S)`` (int64, same spatial size).
 
         ``prototypes (N, C, D)`` and ``prototypes_valid (N, C)`` (from
         :class:`~torch_dacl.MaskedAveragePool`) travel with the sample; ``generator`` (on
         the labels' device) drives the shuffle.
+
+        With ``head`` (the sparse head), ``embeddings`` is the feature map the head reads
+        ``(N, F, *S)``: the pixels are chosen from the labels alone, their feature vectors
+        gathered, and ``head`` run on them (:func:`apply_head`), so the head works, with
+        gradient, at the sampled pixels only. ``pool`` then asks for the prototypes of
+        Eq. 2 from the sampled pixels (:func:`sampled_prototypes`): ``pool`` is a
+        ``(N, C, *S)`` probability map (:math:`T_n` = its value ``> threshold`` at each
+        sampled pixel) or an empty tensor for the labels' one-hot masks.
         """
-        n, d = embeddings.shape[:2]
+        n = embeddings.shape[0]
         p = math.prod(embeddings.shape[2:])
         flat = labels.reshape(-1)
         keep = None if self.ignore_index is None else flat != self.ignore_index
         idx, valid = DF.group_by_label(flat, self.num_classes, self.max_per_class, valid=keep, shuffle=True,
                                        generator=generator)
-        if embeddings.is_contiguous():  # (N, D, P) is a view: gather only the sampled pixels
-            feats = embeddings.reshape(n, d, p)[idx // p, :, idx % p]  # (C, S, D), gradient flows
-        else:  # channels-last: (N, P, D) is the view; any other layout pays one copy here
-            feats = embeddings.movedim(1, -1).reshape(n, p, d)[idx // p, idx % p]
+        feats = gather_points(embeddings, idx)  # (C, S, D or F): gradient flows to the sampled pixels only
         if prototypes is not None:
             prototypes, prototypes_valid = prototypes.transpose(0, 1), prototypes_valid.transpose(0, 1)
+        if head is not None:
+            feats = apply_head(head, feats, valid)
+            if pool is not None:
+                c, s = valid.shape
+                if pool.numel():
+                    masks = gather_points(pool, idx).reshape(c * s, -1) > threshold
+                else:  # one-hot: a sampled pixel of group c has T_c set
+                    masks = (torch.arange(c, device=idx.device).view(c, 1, 1)
+                             == torch.arange(c, device=idx.device).view(1, 1, c)).expand(c, s, c).reshape(c * s, c)
+                prototypes, prototypes_valid = sampled_prototypes(
+                    feats.detach().reshape(c * s, -1), valid.reshape(-1), (idx // p).reshape(-1), masks, n)
         if self.distributed:
             feats, valid, prototypes, prototypes_valid = self._gather(feats, valid, prototypes, prototypes_valid)
         unit = F.normalize(feats.detach().float(), dim=-1)
