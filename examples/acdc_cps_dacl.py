@@ -73,11 +73,11 @@ PRESETS: Dict[str, dict] = {
     # (lambda 1.0, fixed) and 79.0 % (lambda 1.0, class_prior).
     "cpu": dict(size=256, crop=128, labeled_bs=4, unlabeled_bs=4, steps=3000, encoder="basicunet",
                 decoder_channels=[16], embed_dim=32, val_every=500, val_volumes=10, test_volumes=None, workers=0,
-                amp="none", max_samples_per_class=1024, cl_stride=2, pseudo_policy="class_prior"),
+                amp="none", max_samples_per_class=512, cl_stride=2, pseudo_policy="class_prior"),
     # the paper's protocol (GPU): 256x256, batch 12 + 12, 30k steps, val on all 20 volumes
     "paper": dict(size=256, labeled_bs=12, unlabeled_bs=12, steps=30000, encoder="resnet18",
                   decoder_channels=[256, 128, 64, 32, 16], embed_dim=64, val_every=200, val_volumes=None,
-                  test_volumes=None, workers=4, amp="bf16", max_samples_per_class=1024, cl_stride=1),
+                  test_volumes=None, workers=4, amp="bf16", max_samples_per_class=512, cl_stride=1),
 }
 
 

@@ -229,7 +229,7 @@ def _objective_flags(g) -> None:
     g.add_argument("--sampling", choices=("density", "random"), default="density", help="random: Table 2 II")
     g.add_argument("--weighting", choices=("paper", "scale", "none"), default="paper", help="w_i (Table 2 V: none)")
     g.add_argument("--anchor-mode", choices=("pixel", "class"), default="pixel", help="class: Table 3 class-wise")
-    g.add_argument("--max-samples-per-class", type=int_range(2), default=1024)
+    g.add_argument("--max-samples-per-class", type=int_range(2), default=512)
     g.add_argument("--cl-stride", type=int_range(1), default=1, help="DACL sees a regular pixel grid with this stride")
 
 

@@ -96,7 +96,7 @@ PRESETS: Dict[str, dict] = {
         patch=(16, 64, 64), chaos_zoom=(1.0, 0.25, 0.25), volume_budget=36 * 64 * 64, features=(8, 16, 32, 64), n_stages=4, lr=0.03,
         labeled_bs=2, unlabeled_bs=2, steps=3000, val_every=250, val_volumes=None, test_volumes=None,
         cross_rampup=160, embed_dim=32, hidden_dim=32, num_anchors=256, num_positives=512, num_negatives=512,
-        bank_size=1000, max_samples_per_class=1024, warmup_steps=100, val_overlap=0.5, pseudo_policy="class_prior",
+        bank_size=1000, max_samples_per_class=512, warmup_steps=100, val_overlap=0.5, pseudo_policy="class_prior",
         note="cpu: CHAOS-T2 in-plane downsampled 4x (64x64xZ, 5x5x7.7 mm) so a 16x64x64 patch holds whole "
              "slices, 4-stage PlainConvUNet (8-16-32-64 features), 2+2 patches, 3000 iterations (DACL warm-up 100 = "
              "1000/30000 scaled), lr 0.03 (poly) and lambda_cross ramped up over the first 160 iterations (Gaussian, "
@@ -109,7 +109,7 @@ PRESETS: Dict[str, dict] = {
         patch=(64, 128, 128), chaos_zoom=(1.0, 0.625, 0.625), volume_budget=None, features=(32, 64, 128, 256, 320), n_stages=5, lr=0.01,
         labeled_bs=2, unlabeled_bs=2, steps=30000, val_every=500, cross_rampup=0, val_volumes=None, test_volumes=None,
         embed_dim=64, hidden_dim=None, num_anchors=256, num_positives=512, num_negatives=512, bank_size=1000,
-        max_samples_per_class=1024, warmup_steps=1000, val_overlap=0.5,
+        max_samples_per_class=512, warmup_steps=1000, val_overlap=0.5,
         note="paper: DHC protocol (patch 64x128x128 on volumes resized to 80x160x160, 2+2 patches, 30k "
              "iterations, warm-up 1000), PlainConvUNet 32-64-128-256-320 in place of V-Net, DACL defaults."),
 }
@@ -269,7 +269,7 @@ def predict_volume(wrapper: CoTrainingWrapper, vol: sd.Volume, cfg: dict, num_cl
     image = torch.from_numpy(vol.image).to(device)
     probs = sd.sliding_window_inference(predict, image, cfg["patch"], num_classes, overlap=overlap, gaussian=True,
                                         batch_size=4)
-    return probs.argmax(0).cpu().numpy().astype(np.uint8)
+    return probs.max(0).indices.cpu().numpy().astype(np.uint8)  # (= argmax(0); several times faster on CPU)
 
 
 # ----------------------------------------------------------------------------- the task

@@ -419,3 +419,21 @@ def test_sdcl_default_temperature_is_04():
     a, v = args[0].reshape(1, 5, 3), torch.ones(1, 5, dtype=torch.bool)
     torch.testing.assert_close(DF.soft_density_contrastive_loss_grouped(a, v, args[2][:1], args[3][:1])[0],
                                DF.soft_density_contrastive_loss_grouped(a, v, args[2][:1], args[3][:1], temperature=0.4)[0])
+
+
+def test_logsumexp_with_reused_exponentials_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 9, generator=g, dtype=torch.float64)
+    x[0, 1, :4] = float("-inf")
+    x[1, 2] = float("-inf")  # a whole row: -inf, no NaN in the gradient of the rest
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    w[1, 2] = 0.0
+    ours, ref = DF._LogSumExp.apply(a), torch.logsumexp(b, -1)
+    torch.testing.assert_close(ours, ref)
+    (ours[torch.isfinite(ours)] * w[torch.isfinite(ours)]).sum().backward()
+    (ref[torch.isfinite(ref)] * w[torch.isfinite(ref)]).sum().backward()
+    keep = torch.ones(3, 5, dtype=torch.bool)
+    keep[1, 2] = False  # torch's own gradient is NaN on an all -inf row; ours is 0 there
+    torch.testing.assert_close(a.grad[keep], b.grad[keep])
+    assert torch.isfinite(a.grad).all() and (a.grad[1, 2] == 0).all()

@@ -336,3 +336,23 @@ def test_class_prior_reaches_classes_never_predicted():
         p = probs[2:, c]
         assert float(p[mine].min()) >= float(p[y[2:] == 0].max()) - 1e-3
     assert torch.equal(conf[:2], torch.zeros_like(conf[:2]))
+
+
+@pytest.mark.parametrize("policy", ["fixed", "class_fraction", "class_prior"])
+def test_dacl_labels_same_on_the_unlabeled_rows_alone_and_on_every_row(policy, monkeypatch):
+    """With ``labeled`` on the CPU the pseudo labels are computed on the unlabeled rows alone;
+    elsewhere on every row, the labeled ones masked. Both give the same labels."""
+    import torch_dacl.functional as DFn
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, C, 6, 7, generator=g) * 3
+    labels = torch.randint(0, C, (5, 6, 7), generator=g)
+    labels[0, :2] = -100
+    labeled = torch.tensor([True, False, True, False, False])
+    rows = dacl_labels(labels, labeled, logits, policy, confidence=0.9, fraction=0.4)
+    monkeypatch.setattr(DFn, "_pick_rows", lambda lab: False)
+    every = dacl_labels(labels, labeled, logits, policy, confidence=0.9, fraction=0.4)
+    assert torch.equal(rows[0], every[0]) and torch.equal(rows[1], every[1])
+    assert torch.equal(rows[0][labeled], labels[labeled])  # ground truth kept on the labeled rows
+    none = dacl_labels(labels, torch.ones(5, dtype=torch.bool), logits, policy)
+    assert torch.equal(none[0], labels) and not none[1].any()

@@ -245,7 +245,7 @@ class PixelSampler(nn.Module):
 
     Args:
         num_classes: ``C``.
-        max_per_class: ``S``, the per-class pixel budget (1024 in the loss).
+        max_per_class: ``S``, the per-class pixel budget (512 in the loss).
         ignore_index: label value that takes no part (None: none); any label outside
             ``[0, C)`` is left out too.
         gather_distributed: gather across the ranks of the default process group.
@@ -259,7 +259,7 @@ class PixelSampler(nn.Module):
         (torch.Size([2, 3, 4]), [1, 2])
     """
 
-    def __init__(self, num_classes: int, max_per_class: int = 1024, ignore_index: Optional[int] = -100,
+    def __init__(self, num_classes: int, max_per_class: int = 512, ignore_index: Optional[int] = -100,
                  gather_distributed: bool = False) -> None:
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes)
