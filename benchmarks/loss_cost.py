@@ -176,32 +176,43 @@ def cps_step(cfg: Dict, dacl: bool = False):
 
 
 # ----------------------------------------------------------------------------- the floor
-def floor_rows(emb_shape, classes=(4, 14), repeats: int = 5) -> List[Dict]:
-    """The loss against its floor at its defaults: forward + backward of one call of the loss
-    (full bank) against the two operations no implementation of Eq. 3-7 can skip, timed alone
-    on the same sizes: the similarity matmul of each class's S sampled pixels with its S + L
-    keys (batch and bank; the keys padded as the loss pads them for the CPU's top-k) and one
-    top-k of max(ks) over its rows."""
-    from torch_dacl.functional import _topk_padding
+def floor_rows(emb_shape, cases=((4, 512), (4, 1024), (14, 512)), repeats: int = 5) -> List[Dict]:
+    """The loss against its floor: forward + backward of one call of the loss (full bank) against
+    the two operations no implementation of Eq. 3-7 can skip, timed on the same sizes, in the
+    same interleaved rounds: the similarity matmul of each class's S sampled pixels with its
+    S + L keys (batch and bank, the keys padded as the loss pads them for the CPU's top-k) and
+    one top-k of max(ks) over its rows, both in the loss's cache-sized chunks of queries (its
+    best way to run them). ``cases``: (classes, sampled pixels per class)."""
+    from torch_dacl.functional import _CPU_CHUNK_ELEMENTS, _topk_padding
 
     rows = []
     n, d, h, w = emb_shape
-    for c in classes:
+    for c, s in cases:
         emb, labels = make_batch(n, d, h, w, c)
         emb.requires_grad_()
-        loss = filled_loss(c, d, 1000)
-        s, bank, k = loss.max_samples_per_class, loss.bank.size, max(loss.ks)
-        t_loss = median_time(lambda: loss(emb, labels).backward(), repeats=repeats)
+        loss = filled_loss(c, d, 1000, max_samples_per_class=s)
+        bank, k = loss.bank.size, max(loss.ks)
         g = torch.Generator().manual_seed(3)
         q = F.normalize(torch.randn(c, s, d, generator=g), dim=-1)
         width = s + bank
         width += _topk_padding(width, min(k, width), q.device)
         keys_t = F.normalize(torch.randn(c, width, d, generator=g), dim=-1).transpose(1, 2)
-        t_mm = median_time(lambda: torch.bmm(q, keys_t), repeats=repeats)
-        sims = torch.bmm(q, keys_t)
-        t_topk = median_time(lambda: sims.topk(k, dim=-1), repeats=repeats)
-        rows.append(dict(classes=c, samples_per_class=s, bank=bank, keys=width, dim=d, k=k, loss_fwd_bwd_s=t_loss,
-                         floor_matmul_s=t_mm, floor_topk_s=t_topk, floor_s=t_mm + t_topk,
+        chunk = max(1, min(s, _CPU_CHUNK_ELEMENTS // (c * width)))
+        sims = [torch.bmm(q[:, i:i + chunk], keys_t) for i in range(0, s, chunk)]
+        fns = (lambda: loss(emb, labels).backward(),
+               lambda: [torch.bmm(q[:, i:i + chunk], keys_t) for i in range(0, s, chunk)],
+               lambda: [x.topk(k, dim=-1) for x in sims])
+        times = [[], [], []]
+        for f in fns:  # warm-up
+            f()
+        for _ in range(repeats):  # interleaved, so that the machine's drift hits all three alike
+            for f, ts in zip(fns, times):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+        t_loss, t_mm, t_topk = (statistics.median(ts) for ts in times)
+        rows.append(dict(classes=c, samples_per_class=s, bank=bank, keys=width, dim=d, k=k, query_chunk=chunk,
+                         loss_fwd_bwd_s=t_loss, floor_matmul_s=t_mm, floor_topk_s=t_topk, floor_s=t_mm + t_topk,
                          loss_over_floor=t_loss / (t_mm + t_topk)))
     return rows
 

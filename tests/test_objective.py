@@ -356,3 +356,40 @@ def test_dacl_labels_same_on_the_unlabeled_rows_alone_and_on_every_row(policy, m
     assert torch.equal(rows[0][labeled], labels[labeled])  # ground truth kept on the labeled rows
     none = dacl_labels(labels, torch.ones(5, dtype=torch.bool), logits, policy)
     assert torch.equal(none[0], labels) and not none[1].any()
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_paired_losses_equal_two_separate_calls(sparse):
+    """The objective's one grouped call for both models gives each model exactly what its own
+    loss call gives: loss, gradient, bank and random stream, over several steps."""
+    from torch_dacl.loss import paired_losses
+
+    def losses(seed):
+        return (SoftDensityContrastiveLoss(C, D, seed=seed, **SMALL), SoftDensityContrastiveLoss(C, D, seed=seed + 1,
+                                                                                                   **SMALL))
+    heads = (ProjectionHead(6, D), ProjectionHead(6, D)) if sparse else (None, None)
+    width = 6 if sparse else D
+    g = torch.Generator().manual_seed(0)
+    grouped, separate = losses(1), losses(1)
+    for step in range(3):
+        ea, eb = (torch.randn(3, width, 7, 8, generator=g, requires_grad=True) for _ in range(2))
+        ya, yb = (torch.randint(0, C, (3, 7, 8), generator=g) for _ in range(2))
+        da, db = paired_losses(*grouped, ea, ya, eb, yb, *heads)
+        ga = torch.autograd.grad(da.loss + 2 * db.loss, (ea, eb))
+        sa = separate[0](ea, ya, return_details=True, head=heads[0])
+        sb = separate[1](eb, yb, return_details=True, head=heads[1])
+        gs = torch.autograd.grad(sa.loss + 2 * sb.loss, (ea, eb))
+        for x, y in ((da.loss, sa.loss), (db.loss, sb.loss), (da.density, sa.density), (db.anchor_density,
+                                                                                         sb.anchor_density)):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        for x, y in zip(ga, gs):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grouped, separate):
+        torch.testing.assert_close(a.bank.bank, b.bank.bank)
+        assert torch.equal(a.get_extra_state(), b.get_extra_state())
+    # losses whose options differ run as two calls, with the same result
+    odd = SoftDensityContrastiveLoss(C, D, seed=5, **{**SMALL, "num_anchors": 4})
+    ref = SoftDensityContrastiveLoss(C, D, seed=5, **{**SMALL, "num_anchors": 4})
+    ea, ya = torch.randn(2, width, 5, 5, generator=g), torch.randint(0, C, (2, 5, 5), generator=g)
+    _, d_odd = paired_losses(SoftDensityContrastiveLoss(C, D, **SMALL), odd, ea, ya, ea, ya, *heads)
+    torch.testing.assert_close(d_odd.loss, ref(ea, ya, head=heads[1]))

@@ -22,7 +22,7 @@ from torch import nn
 from . import functional as DF
 from ._validation import check_int, look_up_option
 from .cotraining import ProjectionHead
-from .loss import SoftDensityContrastiveLoss
+from .loss import SoftDensityContrastiveLoss, paired_losses
 from .modules import GaussianRampUp
 from .options import PSEUDO_POLICIES
 
@@ -337,8 +337,7 @@ class DACLObjective(nn.Module):
                 raise ValueError(f"pixel_stride: expects labels at the embeddings' resolution "
                                  f"{tuple(ea.shape[2:])}, got {tuple(ya.shape[1:])}")
             ea, eb, ya, yb = ea[grid], eb[grid], ya[grid], yb[grid]
-        det_a = self.loss_a(ea, ya, return_details=True, head=head_a)
-        det_b = self.loss_b(eb, yb, return_details=True, head=head_b)
+        det_a, det_b = paired_losses(self.loss_a, self.loss_b, ea, ya, eb, yb, head_a, head_b)  # one grouped call
         weight = lam if self.head_weight is None else self.head_weight
         cl_term = weight * (det_a.loss + det_b.loss)
         stats = {k: (v + det_b.per_class()[k]) / 2 for k, v in det_a.per_class().items()}
