@@ -230,6 +230,8 @@ def _objective_flags(g) -> None:
     g.add_argument("--weighting", choices=("paper", "scale", "none"), default="paper", help="w_i (Table 2 V: none)")
     g.add_argument("--anchor-mode", choices=("pixel", "class"), default="pixel", help="class: Table 3 class-wise")
     g.add_argument("--max-samples-per-class", type=int_range(2), default=512)
+    g.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="the kNN density's similarity matmul (bfloat16 where the hardware has bfloat16 units)")
     g.add_argument("--cl-stride", type=int_range(1), default=1, help="DACL sees a regular pixel grid with this stride")
 
 
@@ -351,6 +353,7 @@ def build_objective(cfg: dict, wrapper) -> DACLObjective:
         bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"], sampling=cfg["sampling"],
         weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"], reduction=cfg["reduction"],
         max_samples_per_class=cfg["max_samples_per_class"], threshold=cfg["mask_threshold"],
+        precision=cfg.get("precision", "float32"),
         validate=False, gather_distributed=_dist.is_dist())
 
 

@@ -329,7 +329,8 @@ def test_crop_windows_and_basicunet(fake_root, tmp_path):
     pytest.importorskip("monai")
     w = build_wrapper(dict(encoder="basicunet", decoder_channels=[16], embed_dim=8, seed=0))
     out = w(torch.randn(2, 1, 32, 32))
-    assert out.logits_a.shape == (2, 4, 32, 32) and out.embeddings_a.shape == (2, 8, 32, 32)
+    assert out.logits_a.shape == (2, 4, 32, 32) and out.features_a.shape == (2, 16, 32, 32)  # the sparse heads' input
+    assert w.head_a(out.features_a).shape == (2, 8, 32, 32)
     res = acdc_cps_dacl.main(["--data-root", str(fake_root)] + TINY + ["--crop", "24", "--method", "sup",
                               "--no-test", "--output-dir", str(tmp_path / "r")])
     assert res == {"stopped_at": 4}

@@ -437,3 +437,25 @@ def test_logsumexp_with_reused_exponentials_matches_torch():
     keep[1, 2] = False  # torch's own gradient is NaN on an all -inf row; ours is 0 there
     torch.testing.assert_close(a.grad[keep], b.grad[keep])
     assert torch.isfinite(a.grad).all() and (a.grad[1, 2] == 0).all()
+
+
+def test_knn_density_bfloat16_similarities_within_tolerance_of_float64():
+    """``precision="bfloat16"``: the similarity matmul on bfloat16 inputs; densities within the
+    documented ~1e-2 of the float64 reference, padding and -1 for no neighbour kept."""
+    g = torch.Generator().manual_seed(4)
+    c, s, L, d = 3, 60, 50, 16
+    feats, _ = _clustered(c * s, d, c, g)
+    feats = feats.view(c, s, d)
+    valid = torch.rand(c, s, generator=g) > 0.2
+    valid[2] = False
+    valid[2, 0] = True  # one query, no batch neighbour
+    bank = torch.randn(c, L, d, generator=g)
+    bank_valid = torch.rand(c, L, generator=g) > 0.3
+    bank_valid[2] = False
+    ref = DF.knn_density_grouped(feats.double(), valid, (4, 8), bank.double(), bank_valid)
+    bf = DF.knn_density_grouped(feats, valid, (4, 8), bank, bank_valid, precision="bfloat16")
+    assert bf.dtype == torch.float32
+    torch.testing.assert_close(bf[valid], ref[valid].float(), rtol=0, atol=2e-2)
+    assert torch.all(bf[~valid] == -1) and float(bf[2, 0]) == -1.0
+    with pytest.raises(ValueError, match="precision"):
+        DF.knn_density_grouped(feats, valid, (4,), precision="half")

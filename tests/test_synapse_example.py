@@ -199,11 +199,11 @@ def test_plain_conv_unet_feature_hook_and_dacl_5d():
                           cfg["features"][0], embed_dim=8, spatial_dims=3)
     x = torch.randn(2, 1, 8, 16, 16)
     o = w(x)
-    assert o.logits_a.shape == (2, 5, 8, 16, 16) and o.embeddings_b.shape == (2, 8, 8, 16, 16)
+    assert o.logits_a.shape == (2, 5, 8, 16, 16) and o.features_b.shape == (2, cfg["features"][0], 8, 16, 16)
     labels = torch.randint(0, 5, (2, 8, 16, 16))
     labels[1, :4] = -100
     loss = SoftDensityContrastiveLoss(5, 8, num_anchors=16, num_positives=16, num_negatives=16, bank_size=8)(
-        o.embeddings_a, labels)
+        o.features_a, labels, head=w.head_a)  # the sparse head: run at the sampled voxels
     (loss + w.cross_loss(o.logits_a, o.logits_b)).backward()
     assert torch.isfinite(loss)
     assert w.head_a.net[0].weight.grad is not None and w.model_a.encoder.stages[0][0].convs[0].conv.weight.grad is not None

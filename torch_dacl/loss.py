@@ -15,7 +15,7 @@ from .ablation import table2_options
 from . import functional as DF
 from .bank import ClassMemoryBank
 from .modules import MaskedAveragePool, MultiScaleDensity
-from .options import ANCHOR_MODES, BANK_SOURCES, REDUCTIONS, SAMPLINGS, WEIGHTINGS
+from .options import ANCHOR_MODES, BANK_SOURCES, PRECISIONS, REDUCTIONS, SAMPLINGS, WEIGHTINGS
 from .stages import AnchorKeyMiner, BankPolicy, PixelSampler, RandomStream, SoftContrastiveTerm, one_hot_maps
 
 __all__ = ["SoftDensityContrastiveLoss", "DACLDetails", "paired_losses"]
@@ -194,6 +194,9 @@ class SoftDensityContrastiveLoss(nn.Module):
             loss evaluated in eval mode, e.g. on validation data, leaves the bank as it was).
         seed: seed of the loss's random stream (an int >= 0); None draws one at the first
             call from the global CPU random stream (broadcast from rank 0 when distributed).
+        precision: the kNN density's similarity matmul (the loss's floor), ``"float32"``
+            (default) or ``"bfloat16"`` where the hardware has bfloat16 matmul units (see
+            :func:`~torch_dacl.functional.knn_density_grouped`).
 
     Every option is checked once, here (names through
     :func:`~torch_dacl.options.look_up_option`, which suggests the nearest valid one). The
@@ -251,6 +254,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         validate: bool = True,
         update_bank_in_eval: bool = False,
         seed: Optional[int] = None,
+        precision: str = "float32",
     ) -> None:
         super().__init__()
         self.num_classes = check_int("num_classes", num_classes)
@@ -258,7 +262,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         self.validate = bool(validate)
         self.pool = MaskedAveragePool(threshold)
         self.sampler = PixelSampler(num_classes, max_samples_per_class, ignore_index, gather_distributed)
-        self.density = MultiScaleDensity(ks)
+        self.density = MultiScaleDensity(ks, precision)
         self.miner = AnchorKeyMiner(num_anchors, num_positives, num_negatives, sampling, anchor_mode)
         self.term = SoftContrastiveTerm(temperature, weighting, gamma, include_positive, reduction)
         self.bank_policy = BankPolicy(bank_source, bank_push_per_class, update_bank_in_eval, use_bank)
@@ -284,6 +288,7 @@ class SoftDensityContrastiveLoss(nn.Module):
     include_positive = _option("term", "include_positive", bool)
     reduction = _option("term", "reduction", lambda v: look_up_option("reduction", v, REDUCTIONS))
     ks = _option("density", "ks", check_ks)
+    precision = _option("density", "precision", lambda v: look_up_option("precision", v, PRECISIONS))
     num_anchors = _option("miner", "num_anchors", lambda v: check_int("num_anchors", v))
     num_positives = _option("miner", "num_positives", lambda v: check_int("num_positives", v))
     num_negatives = _option("miner", "num_negatives", lambda v: check_int("num_negatives", v))
@@ -434,7 +439,7 @@ class SoftDensityContrastiveLoss(nn.Module):
 
     def _signature(self) -> tuple:
         """What must agree for two losses to run as one grouped call (:func:`paired_losses`)."""
-        return (self.num_classes, self.dim, self.bank.size, self.sampler.max_per_class, self.density.ks,
+        return (self.num_classes, self.dim, self.bank.size, self.sampler.max_per_class, repr(self.density),
                 repr(self.miner), repr(self.term), self.term.weighting, self.bank_policy.enabled)
 
     def _details(self, loss, sample_valid, density, mined, contributing) -> DACLDetails:
@@ -452,14 +457,15 @@ def _densities(losses, batches, memories):
     C`` groups, one batched matmul and one top-k), which gives each group what its own call
     gives."""
     def grouped(feats, valids, banks, bank_valids):
-        ks = losses[0].density.ks
+        ks, precision = losses[0].density.ks, losses[0].density.precision
         same = all(f.shape == feats[0].shape for f in feats) and \
             all((b is None) == (banks[0] is None) and (b is None or b.shape == banks[0].shape) for b in banks)
         if len(feats) == 1 or not same:
-            return [DF.knn_density_grouped(f, v, ks, b, bv, validate_args=False)
+            return [DF.knn_density_grouped(f, v, ks, b, bv, precision=precision, validate_args=False)
                     for f, v, b, bv in zip(feats, valids, banks, bank_valids)]
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
-        out = DF.knn_density_grouped(cat(feats), cat(valids), ks, cat(banks), cat(bank_valids), validate_args=False)
+        out = DF.knn_density_grouped(cat(feats), cat(valids), ks, cat(banks), cat(bank_valids), precision=precision,
+                                     validate_args=False)
         return list(out.split(feats[0].shape[0]))
 
     banks = [None if m is None else m.features for m in memories]

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from . import functional as DF
-from ._validation import check_int, check_ks, check_real
+from ._validation import check_int, check_ks, check_real, look_up_option
+from .options import PRECISIONS
 
 __all__ = ["MaskedAveragePool", "MultiScaleDensity", "GaussianRampUp"]
 
@@ -54,6 +55,8 @@ class MultiScaleDensity(nn.Module):
 
     Args:
         ks: neighbourhood sizes (``(8, 16, 32)``; see docs: Design decisions, 3.2).
+        precision: the similarity matmul of :meth:`grouped`, ``"float32"`` or ``"bfloat16"``
+            (see :func:`~torch_dacl.functional.knn_density_grouped`).
 
     Example:
         >>> density = MultiScaleDensity(ks=(2, 4))
@@ -64,12 +67,13 @@ class MultiScaleDensity(nn.Module):
         torch.Size([3, 5])
     """
 
-    def __init__(self, ks: Sequence[int] = (8, 16, 32)) -> None:
+    def __init__(self, ks: Sequence[int] = (8, 16, 32), precision: str = "float32") -> None:
         super().__init__()
         self.ks = check_ks(ks)
+        self.precision = look_up_option("precision", precision, PRECISIONS)
 
     def extra_repr(self) -> str:
-        return f"ks={self.ks}"
+        return f"ks={self.ks}, precision={self.precision!r}"
 
     def forward(
         self,
@@ -90,7 +94,8 @@ class MultiScaleDensity(nn.Module):
         """``(C, S)`` density of ``features (C, S, D)`` grouped by class (-1 where ``valid``
         is False) against the other valid members of their group and the valid bank entries
         ``bank (C, L, D)`` of their class."""
-        return DF.knn_density_grouped(features, valid, self.ks, bank, bank_valid, validate_args=False)
+        return DF.knn_density_grouped(features, valid, self.ks, bank, bank_valid, precision=self.precision,
+                                      validate_args=False)
 
 
 def resolve_warmup(warmup: Union[int, float], total_steps: int) -> int:

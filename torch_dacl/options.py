@@ -20,6 +20,7 @@ policy        ``"fixed"``, ``"class_fraction"``,     the pseudo-label policy of
               ``"class_prior"``                      :func:`~torch_dacl.functional.dacl_labels`
 point_norm    ``"sample"``, ``"frozen"``             a projection head's normalisation on sampled
                                                      pixels (:meth:`~torch_dacl.ProjectionHead.embed_points`)
+precision     ``"float32"``, ``"bfloat16"``          the similarity matmul of the kNN density (Eq. 3)
 ============  =====================================  ============================================
 """
 
@@ -30,8 +31,8 @@ from typing import Literal, get_args
 from ._validation import look_up_option
 
 __all__ = [
-    "Sampling", "Weighting", "AnchorMode", "BankSource", "Reduction", "PseudoPolicy", "PointNorm",
-    "SAMPLINGS", "WEIGHTINGS", "ANCHOR_MODES", "BANK_SOURCES", "REDUCTIONS", "PSEUDO_POLICIES", "POINT_NORMS",
+    "Sampling", "Weighting", "AnchorMode", "BankSource", "Reduction", "PseudoPolicy", "PointNorm", "Precision",
+    "SAMPLINGS", "WEIGHTINGS", "ANCHOR_MODES", "BANK_SOURCES", "REDUCTIONS", "PSEUDO_POLICIES", "POINT_NORMS", "PRECISIONS",
     "look_up_option",
 ]
 
@@ -42,6 +43,7 @@ BankSource = Literal["prototype", "pixel"]
 Reduction = Literal["mean", "sum", "none"]
 PseudoPolicy = Literal["fixed", "class_fraction", "class_prior"]
 PointNorm = Literal["sample", "frozen"]
+Precision = Literal["float32", "bfloat16"]
 
 SAMPLINGS = get_args(Sampling)
 WEIGHTINGS = get_args(Weighting)
@@ -50,3 +52,4 @@ BANK_SOURCES = get_args(BankSource)
 REDUCTIONS = get_args(Reduction)
 PSEUDO_POLICIES = get_args(PseudoPolicy)
 POINT_NORMS = get_args(PointNorm)
+PRECISIONS = get_args(Precision)
