@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The paper's ACDC protocol on one GPU: supervised, CPS and DACL side by side on one device
-# (256x256, batch 12 labeled + 12 unlabeled, bf16, 7 labeled patients, seed 0), then the
+# The paper's ACDC protocol on one GPU. First what DACL costs there (benchmarks/step_cost.py on
+# the paper preset: 256x256, batch 12 + 12; CPS, DACL and DACL's old default side by side, the
+# objective alone against the step; about a minute; COST=0 skips it), then supervised, CPS
+# and DACL trained side by side on one device (bf16, 7 labeled patients, seed 0), then the
 # collected table. Sized for one H200 within about 9 minutes: the paper trains 30,000 steps,
 # this runs STEPS of them (default 3000, an estimate not yet measured on the device: lower it
 # if the first run's step rate says so). Everything it writes lands in OUT.
@@ -24,6 +26,13 @@ DATA=$(mktemp -d)
 mkdir -p "$OUT"
 start=$(date +%s)
 python benchmarks/pack_acdc.py unpack "$PACK" --out "$DATA"
+if [ "${COST:-1}" != "0" ]; then
+  python benchmarks/step_cost.py --preset paper --device "$DEVICE" --data-root "$DATA" --steps "${COST_STEPS:-10}" \
+    --rounds 2 --warmup 3 --profile-steps 0 --output "$OUT/step_cost_paper_gpu.json" --example-args "$EXTRA" \
+    --variants cps dacl "dacl, old default (dense heads, 1024 samples/class)" \
+    > "$OUT/step_cost.log" 2>&1 || { tail -n 30 "$OUT/step_cost.log"; echo "step_cost failed"; exit 1; }
+  grep "^|" "$OUT/step_cost.log" || true
+fi
 pids=()
 for method in sup cps dacl; do
   # shellcheck disable=SC2086

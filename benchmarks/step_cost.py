@@ -32,9 +32,12 @@ Usage::
 
     python benchmarks/step_cost.py                 # ACDC, the cpu preset, 1 thread (~10 minutes)
     python benchmarks/step_cost.py --example chaos # CHAOS-T2 (3D), the cpu preset, 1 thread (~8 minutes)
+    python benchmarks/step_cost.py --example acdc-ssl4mis   # SSL4MIS's CPS shape: batch 12 + 12
+    python benchmarks/step_cost.py --preset paper --device cuda --profile-steps 0   # on a GPU
     python benchmarks/step_cost.py --quick         # the smoke preset, 2 steps (a pipeline check)
 
-Writes ``benchmarks/results/step_cost.json`` (``--example chaos``: ``step_cost_chaos.json``;
+Writes ``benchmarks/results/step_cost.json`` (``--example chaos``: ``step_cost_chaos.json``,
+``acdc-ssl4mis``: ``step_cost_acdc-ssl4mis.json``; on a GPU ``..._<preset>_cuda.json``;
 ``--quick``: ``step_cost[_chaos]_quick.json``) and prints Markdown tables. Nothing here is
 asserted; compare the ratios, not absolute times.
 """
@@ -84,6 +87,13 @@ VARIANTS = {
 EXAMPLES = {
     "acdc": dict(task=acdc_cps_dacl.TASK, argv=["--labeled", "7"], what="the ACDC example (7 labeled patients)",
                  variants=[v for v in VARIANTS if "bf16" not in v or torch.cpu._is_avx512_bf16_supported()]),
+    # SSL4MIS's CPS script's shape (issue #26): batch 12 + 12, its U-Net widths (MONAI's plain U-Net
+    # 16-32-64-128-256, the cpu preset's network) on 128 px crops, DACL on every pixel (no stride)
+    "acdc-ssl4mis": dict(task=acdc_cps_dacl.TASK, argv=["--labeled", "7", "--labeled-bs", "12", "--unlabeled-bs", "12",
+                                                        "--cl-stride", "1"],
+                         what="the ACDC example at SSL4MIS's CPS shape (batch 12 + 12, its U-Net widths, 128 px "
+                              "crops, DACL on every pixel)",
+                         variants=["cps", "dacl", "dacl, old default (dense heads, 1024 samples/class)"]),
     "chaos": dict(task=synapse_cps_dacl.TASK, argv=["--dataset", "chaos", "--labeled", "4"],
                   what="the CHAOS-T2 3D example (4 labeled volumes)",
                   variants=["cps", "dacl", "dacl, old default (dense heads, 1024 samples/class)", "dacl, dense heads",
@@ -109,8 +119,10 @@ class Timed:
 
     def step(self, record: bool) -> None:
         x, y = next(self.batches)
+        _sync(self.run.device)
         t0 = time.perf_counter()
         self.run.train_step(x, y)
+        _sync(self.run.device)
         if record:
             self.step_s.append(time.perf_counter() - t0)
             self.objective_s.append(self.objective_alone(x, y))
@@ -124,7 +136,8 @@ class Timed:
         if run.cfg["method"] == "sup":
             return 0.0
         run.wrapper.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        x = x.to(run.device)
+        with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
             out = run.net(x)
         run.wrapper.train()
         emb = [out[2], out[3]] if run.cfg["method"] == "dacl" else [None, None]  # embeddings, or sparse heads' features
@@ -134,10 +147,13 @@ class Timed:
             if t is not None:
                 t.requires_grad_(True)
         objective = copy.deepcopy(run.objective)
-        labeled = torch.arange(x.shape[0]) < run.lbs
+        labeled = torch.arange(x.shape[0], device=run.device) < run.lbs
+        y = y.to(run.device)
+        _sync(run.device)
         t0 = time.perf_counter()
         res = objective(*leaves, y, labeled)
         res.loss.backward()
+        _sync(run.device)
         return time.perf_counter() - t0
 
     def profile(self, steps: int) -> tuple:
@@ -153,6 +169,12 @@ class Timed:
         stages = {k: total.get(f"step.{k}", 0.0) for k in STAGES}
         ops = {e.key: e.self_cpu_time_total / 1e3 / steps for e in events if not e.key.startswith("step.")}
         return stages, ops
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device (timing a GPU step needs it; a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def op_growth(ops: dict, unit: dict, top: int) -> list:
@@ -176,6 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--top-ops", type=int_range(1), default=10, help="operators listed per variant in the profile")
     p.add_argument("--quick", action="store_true", help="smoke preset, 2 steps, 1 round, cps and dacl")
     p.add_argument("--data-root", default=None, help="the examples' --data-root (default: their lookup)")
+    p.add_argument("--example-args", default="", help="more flags for every variant's run, one string (e.g. a "
+                   "smaller --size for a CPU check of the GPU job)")
+    p.add_argument("--device", default="cpu", help="the examples' --device (cuda: the GPU job, benchmarks/gpu_acdc.sh)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     ex = EXAMPLES[args.example]
@@ -192,7 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--preset", args.preset, *ex["argv"], "--seed", "0", "--threads", str(args.threads),
-                  "--no-progress", "--no-test", *(["--data-root", args.data_root] if args.data_root else [])]
+                  "--no-progress", "--no-test", "--device", args.device, *shlex.split(args.example_args),
+                  *(["--data-root", args.data_root] if args.data_root else [])]
         runs = [Timed(name, ex["task"], common + VARIANTS[name], Path(tmp)) for name in args.variants]
         for r in runs:
             for _ in range(args.warmup):
@@ -227,14 +253,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print(f"\nself time per step, grown most from cps to {name!r} (ms):")
             print("\n".join(f"  {r['op']}: {r['cps_ms']:.1f} -> {r['ms']:.1f} (+{r['added_ms']:.1f})" for r in rows_))
     cmd = shlex.join(["python", "benchmarks/step_cost.py", *sys.argv[1:]])
-    stem = "step_cost" + ("" if args.example == "acdc" else f"_{args.example}")
+    stem = "step_cost" + ("" if args.example == "acdc" else f"_{args.example}") + \
+        ("" if args.device == "cpu" else f"_{args.preset}_{args.device.split(':')[0]}")
     out = args.output or RESULTS / (f"{stem}_quick.json" if args.quick else f"{stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "what": f"whole training steps of {ex['what']}, its {args.preset!r} preset, seed 0, "
                 f"medians of {args.rounds} interleaved rounds x {args.steps} steps per variant; 'objective' is "
                 "DACLObjective alone (forward + backward) on the step's detached logits and embeddings",
-        "command": cmd, "threads": args.threads, "torch": torch.__version__, "machine": platform.processor()
+        "command": cmd, "device": args.device, "threads": args.threads, "torch": torch.__version__,
+        "machine": platform.processor()
         or platform.machine(), "cpu_count": os.cpu_count(), "seconds": round(time.time() - t_start, 1),
         "rows": rows, "table": "\n".join(lines),
         **({"left_out": {"variants": left_out, "why": "no AVX512-BF16 on this CPU: bfloat16 is emulated"}}

@@ -37,7 +37,7 @@ def test_gpu_script_runs_two_steps_on_cpu(tmp_path):
     import pack_acdc
 
     pack = pack_acdc.pack(make_fake_acdc(tmp_path / "data"), tmp_path / "pack")
-    env = {**os.environ, "STEPS": "2", "DEVICE": "cpu", "PACK": str(pack), "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "STEPS": "2", "DEVICE": "cpu", "COST_STEPS": "1", "PACK": str(pack), "OUT": str(tmp_path / "out"),
            "EXTRA": "--size 32 --labeled-bs 2 --unlabeled-bs 2 --encoder tu-regnetx_002 --decoder-channels 16 16 8 "
                     "--embed-dim 8 --num-anchors 16 --num-positives 16 --num-negatives 16 --bank-size 32 "
                     "--max-samples-per-class 64 --val-volumes 1 --test-volumes 1 --workers 0 --amp none "
@@ -48,4 +48,9 @@ def test_gpu_script_runs_two_steps_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for method in ("sup", "cps", "dacl"):
         assert (tmp_path / "out" / "gpu_acdc" / f"acdc_paper_{method}_p7_seed0" / "metrics.json").is_file()
+    import json  # the cost phase: CPS, DACL and DACL's old default, the objective alone, on the paper preset
+
+    cost = json.loads((tmp_path / "out" / "gpu_acdc" / "step_cost_paper_gpu.json").read_text())
+    assert [r["variant"] for r in cost["rows"]][:2] == ["cps", "dacl"] and cost["device"] == "cpu"
+    assert all(r["step_s"] > 0 for r in cost["rows"])
     assert "gpu_acdc took" in res.stdout
