@@ -172,6 +172,18 @@ class ACDC(engine.Task):
                                       limit=cfg[f"{split}_volumes"], full=full, amp_dtype=amp,
                                       keep_predictions=keep, progress=full and not cfg["no_progress"])
 
+    def probe(self, cfg: dict, data):
+        """The mechanism probe: ``--probe-pixels`` pixels per class from 24 evenly spaced
+        validation slices with foreground (ACDC's val split; an nnU-Net folder's val cases)."""
+        from acdc_data import ACDCVolumes, resize_image
+        from probe import MechanismProbe, probe_slices
+
+        if data.kind != "acdc":
+            return None
+        images, labels = probe_slices(ACDCVolumes(data.source, "val"), cfg["size"], 24,
+                                      lambda img, lab, size: resize_image(img, lab, size))
+        return MechanismProbe(images, labels, cfg["probe_pixels"], len(data.class_names), data.class_names)
+
     def record_extra(self, cfg: dict, data) -> dict:
         return {"labeled_slices": data.n_lab, "test_volumes_in_split": data.n_test,
                 "reduced_evaluation": bool(cfg["val_volumes"] or cfg["test_volumes"]),

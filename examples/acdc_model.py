@@ -42,9 +42,29 @@ def build_wrapper(cfg: dict) -> CoTrainingWrapper:
     k, c = int(cfg.get("num_classes") or 4), int(cfg.get("in_channels") or 1)
     a = build_unet(cfg["encoder"], dec, k, c)
     b = build_unet(cfg["encoder"], dec, k, c)
-    layer = "upcat_1" if cfg["encoder"] == "basicunet" else "decoder"  # the full-resolution decoder features
-    return CoTrainingWrapper(a, b, feature_layer=layer, feature_channels=dec[-1], embed_dim=int(cfg["embed_dim"]),
+    layer, channels = feature_layer(cfg, a, c)
+    return CoTrainingWrapper(a, b, feature_layer=layer, feature_channels=channels, embed_dim=int(cfg["embed_dim"]),
                              sparse_heads=not cfg.get("dense_heads", False), point_norm=cfg.get("point_norm", "sample"))
+
+
+def feature_layer(cfg: dict, model: nn.Module, in_channels: int = 1) -> tuple:
+    """``(name, channels)`` of the decoder stage the heads read: ``feature_stage`` 1 (default) is
+    the last one, at full resolution (``upcat_1`` of MONAI's U-Net, smp's whole ``decoder``),
+    2 the one before it (half resolution), and so on; the channels are read off the model
+    (:func:`torch_dacl.feature_layers` on a small input)."""
+    from torch_dacl import feature_layers
+
+    stage = int(cfg.get("feature_stage") or 1)
+    if cfg["encoder"] == "basicunet":
+        name = f"upcat_{stage}"
+    else:
+        n = len(cfg["decoder_channels"])
+        name = "decoder" if stage == 1 else f"decoder.blocks.{n - stage}"
+    found = {ly.name: ly for ly in feature_layers(model, torch.zeros(1, in_channels, 64, 64))}
+    if name not in found:
+        raise ValueError(f"feature_stage: no decoder stage {stage} ({name!r}) in this network; its layers: "
+                         f"{[n_ for n_ in found if n_.startswith(('upcat', 'decoder'))]}")
+    return name, found[name].channels
 
 
 @torch.no_grad()

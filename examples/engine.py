@@ -61,13 +61,23 @@ from results_schema import METRICS, Best, Environment, Identity, RunRecord, Test
 from torch_dacl.ablation import TABLE2, table2_options  # noqa: E402  (Table 2 rows by name)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Issue #27's hypotheses on where DACL's effect goes, each a named set of flags (``--hypothesis``;
+#: a flag given on the command line wins). ``steps_factor`` multiplies the preset's steps.
+HYPOTHESES: Dict[str, Dict[str, Any]] = {
+    "H1-long": dict(steps_factor=3),                 # budget: a 3x longer run (with --labeled 3)
+    "H3-labeled": dict(pseudo_policy="none"),        # pseudo-label noise: DACL on labeled pixels only
+    "H3-agree": dict(pseudo_agree=True),             # pseudo-label noise: where both models agree
+    "H4-stage2": dict(feature_stage=2),              # feature layer: heads one decoder stage earlier
+    "H5-constant": dict(ramp_shape="constant", lambda_cl=0.5),  # strength: Fig. 5a's constant 0.5
+}
 PAPER_STEPS, PAPER_WARMUP = 30000, 1000
 EMPTY_CONVENTION = ("both empty: dice=jaccard=1, hd95=asd=0; exactly one empty: dice=jaccard=0, "
                     "hd95=asd=volume diagonal in voxels (worst case)")
-RUN_OUTPUTS = ("metrics.json", "last.pt", "best.pt", "config.json", "test_slices.npz", "test_predictions.png")
+RUN_OUTPUTS = ("metrics.json", "last.pt", "best.pt", "config.json", "test_slices.npz", "test_predictions.png",
+               "mechanism.json")
 # configuration keys that may differ on --resume without a warning
 RUNTIME_KEYS = ("device", "threads", "workers", "log_every", "no_progress", "no_plot", "no_test", "resume", "overwrite",
-                "stop_at", "output_dir", "world_size", "no_download")
+                "stop_at", "output_dir", "world_size", "no_download", "commit")
 
 
 class Task:
@@ -108,6 +118,11 @@ class Task:
 
     def record_extra(self, cfg: dict, data) -> dict:  # the record's ``extra`` (split, network, ...)
         return {}
+
+    def probe(self, cfg: dict, data):
+        """A :class:`probe.MechanismProbe` on validation pixels (``--mechanism-every``), or None
+        where the task has none."""
+        return None
 
 
 # ----------------------------------------------------------------------------- command line
@@ -169,6 +184,12 @@ def _run_flags(g, task: Task) -> None:
     g.add_argument("--ckpt-every", type=int_range(1), default=None, help="steps between last.pt saves (default: val_every)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-plot", action="store_true", help="no picture of the test predictions")
+    g.add_argument("--mechanism-every", type=int_range(0), default=0,
+                   help="every N steps, measure class compactness on a fixed set of validation pixels in the "
+                        "head's and the feature space (examples/probe.py; writes mechanism.json; 0: never)")
+    g.add_argument("--probe-pixels", type=int_range(2), default=256, help="--mechanism-every: pixels per class")
+    g.add_argument("--hypothesis", choices=tuple(HYPOTHESES), default=None,
+                   help="one of issue #27's named hypotheses (the flags it sets: see HYPOTHESES in engine.py)")
     g.add_argument("--no-test", action="store_true",
                    help="stop before the test set (runs that choose settings on the validation split): writes "
                         "val_history.json; a later --resume without it tests the best checkpoint")
@@ -199,11 +220,19 @@ def _objective_flags(g) -> None:
     g.add_argument("--cross-rampup", type=int_range(0), default=0, help="steps of a Gaussian ramp-up of lambda_cross (0: none)")
     g.add_argument("--warmup-steps", type=int_range(0), default=None,
                    help="steps with lambda_CL = 0 (default: 1000 * steps / 30000, docs: Design decisions, 3.4)")
-    g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction", "class_prior"), default="fixed",
+    g.add_argument("--pseudo-policy", choices=("fixed", "class_fraction", "class_prior", "none"), default="fixed",
                    help="which unlabeled pixels get a pseudo label for DACL: fixed = confidence above "
                         "--pseudo-confidence; class_fraction = also the most confident --pseudo-fraction of each "
                         "predicted class; class_prior = also, per class, the pixels most likely to be it, "
-                        "--pseudo-fraction x its share of the labeled pixels")
+                        "--pseudo-fraction x its share of the labeled pixels; none = no pseudo labels, DACL on "
+                        "the labeled images alone")
+    g.add_argument("--pseudo-agree", action="store_true",
+                   help="keep a pseudo label only where the two models' argmax agree")
+    g.add_argument("--ramp-shape", choices=("gaussian", "constant"), default="gaussian",
+                   help="lambda_CL(t) after the warm-up: Eq. 1's Gaussian, or constant at --lambda-cl (Fig. 5a)")
+    g.add_argument("--feature-stage", type=int_range(1), default=1,
+                   help="the decoder stage the projection heads read: 1 = the last (full resolution), 2 = the one "
+                        "before (half resolution), ...")
     g.add_argument("--pseudo-confidence", type=float_range(0, 1), default=0.95,
                    help="confidence threshold of DACL's pseudo labels (not Eq. 2's phi, see --mask-threshold)")
     g.add_argument("--pseudo-fraction", type=float_range(0, 1, lo_open=True), default=0.5, help="see --pseudo-policy")
@@ -252,6 +281,14 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
         opts.update(ks=list(opts["ks"]), no_bank=not opts.pop("use_bank"))
         given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
         cfg.update({k: v for k, v in opts.items() if k not in given})
+    if cfg.get("hypothesis"):  # the hypothesis's flags, unless the command line sets them
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+        for k, v in HYPOTHESES[cfg["hypothesis"]].items():
+            if k == "steps_factor":
+                if "steps" not in given:
+                    cfg["steps"] = int(cfg["steps"] * v)
+            elif k not in given:
+                cfg[k] = v
     for key in ("val_volumes", "test_volumes"):
         cfg[key] = cfg[key] or None  # 0 = all
     if cfg["method"] == "sup":
@@ -259,6 +296,7 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     if cfg["warmup_steps"] is None:
         cfg["warmup_steps"] = int(round(PAPER_WARMUP * cfg["steps"] / PAPER_STEPS))
     cfg["ckpt_every"] = cfg["ckpt_every"] or cfg["val_every"]
+    cfg["commit"] = _commit()  # the code a run ran (config.json): a table's runs name theirs
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg["method"] != "sup" and cfg["unlabeled_bs"] < 1:
         p.error(f"argument --unlabeled-bs: --method {cfg['method']} needs an unlabeled batch >= 1, got "
@@ -268,6 +306,22 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     except ArgValueError as e:
         p.error(str(e))
     return cfg
+
+
+def _commit() -> Optional[str]:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes), or None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def check_run_dir(run_dir: Path, resume: Optional[str], overwrite: bool) -> None:
@@ -353,7 +407,8 @@ def build_objective(cfg: dict, wrapper) -> DACLObjective:
         bank_source=cfg["bank_source"], use_bank=not cfg["no_bank"], sampling=cfg["sampling"],
         weighting=cfg["weighting"], anchor_mode=cfg["anchor_mode"], reduction=cfg["reduction"],
         max_samples_per_class=cfg["max_samples_per_class"], threshold=cfg["mask_threshold"],
-        precision=cfg.get("precision", "float32"),
+        precision=cfg.get("precision", "float32"), pseudo_agree=cfg.get("pseudo_agree", False),
+        ramp_shape=cfg.get("ramp_shape", "gaussian"),
         validate=False, gather_distributed=_dist.is_dist())
 
 
@@ -385,6 +440,10 @@ class Run:
         self.step, self.best = 0, {"val_dice": -1.0, "step": None}
         self.history: List[dict] = []
         self.diagnostics: List[dict] = []  # DACL's per-class stats (and gradient share), every log step
+        self.mechanism: List[dict] = []  # --mechanism-every: the probe's measurements
+        self.probe = task.probe(cfg, self.data) if cfg.get("mechanism_every") and _dist.is_main() else None
+        if cfg.get("mechanism_every") and _dist.is_main() and self.probe is None:
+            raise ValueError(f"--mechanism-every: the {task.name} example has no mechanism probe")
         self.val_seconds = 0.0
         self.train_seconds = 0.0  # in training steps, over every process of the run (validation excluded)
 
@@ -394,7 +453,7 @@ class Run:
         return {"model": self.wrapper.state_dict(), "objective": self.objective.state_dict(),
                 "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
                 "best": self.best, "history": self.history, "diagnostics": self.diagnostics,
-                "train_seconds": self.train_seconds, **own,
+                "train_seconds": self.train_seconds, "mechanism": self.mechanism, **own,
                 "config": self.cfg, **({"ranks": _dist.gather_objects(own)} if _dist.is_dist() else {})}
 
     def load_state_dict(self, ck: dict) -> None:
@@ -403,6 +462,7 @@ class Run:
         self.opt.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.step, self.best, self.history, self.diagnostics = ck["step"], ck["best"], ck["history"], ck["diagnostics"]
+        self.mechanism = ck.get("mechanism", [])
         # (older checkpoints: the training time up to the last validation)
         last = (self.history[-1].get("train_seconds") or 0.0) if self.history else 0.0
         self.train_seconds = ck.get("train_seconds", last)
@@ -487,6 +547,23 @@ class Run:
             self.diagnostics.append(diag)
         return vals, diag
 
+    def measure_mechanism(self, writer) -> None:
+        """Rank 0, ``--mechanism-every``: the probe's measurements of model a (nothing of the run
+        changes), appended to ``mechanism.json`` and TensorBoard."""
+        rec = {"step": self.step, "lambda_cl": self.objective.lambda_cl,
+               **self.probe.measure(self.wrapper, self.cfg["temperature"], self.device)}
+        self.mechanism.append(rec)
+        for space in ("feature", "head"):
+            for k in ("silhouette", "davies_bouldin", "tail_density_mean", "l_cl"):
+                if k in rec[space]:
+                    writer.add_scalar(f"mechanism/{space}_{k}", rec[space][k], self.step)
+        tmp = self.run_dir / "mechanism.json.tmp"
+        tmp.write_text(json.dumps({"what": "examples/probe.py measurements of model a every --mechanism-every steps",
+                                   "config": {k: self.cfg.get(k) for k in ("method", "seed", "labeled",
+                                                                           "table2_row", "hypothesis")},
+                                   "records": self.mechanism}, indent=1, default=str))
+        os.replace(tmp, self.run_dir / "mechanism.json")
+
     def validate(self, writer, bar, loss: float) -> None:
         """Rank 0: Dice on the val volumes; best.pt on an improvement."""
         t0, cfg = time.time(), self.cfg
@@ -538,6 +615,8 @@ def train(run: Run, stop_at: Optional[int]) -> None:
             if main_rank:
                 run.validate(writer, bar, vals["loss"])
             _dist.barrier()  # the other ranks wait for rank 0's validation
+        if cfg.get("mechanism_every") and (step % cfg["mechanism_every"] == 0 or final) and main_rank:
+            run.measure_mechanism(writer)
         if step % cfg["ckpt_every"] == 0 or step in (last, cfg["steps"]):
             run.save("last.pt")
         if step >= last:

@@ -238,9 +238,14 @@ def build_unet(cfg: dict, num_classes: int, spacing) -> nn.Module:
 
 
 def feature_layer_name(cfg: dict) -> str:
-    """The last decoder stage: its output is the last full-resolution decoder feature map
-    (``features[0]`` channels), just before the 1x1 segmentation layer."""
-    return f"decoder.stages.{cfg['n_stages'] - 2}"
+    """The decoder stage the heads read: ``feature_stage`` 1 (default) is the last one, the
+    full-resolution decoder feature map (``features[0]`` channels) just before the 1x1
+    segmentation layer; 2 the one before it (``features[1]`` channels), and so on."""
+    stage = int(cfg.get("feature_stage") or 1)
+    if not 1 <= stage <= cfg["n_stages"] - 1:
+        raise ValueError(f"feature_stage: expected 1 to {cfg['n_stages'] - 1} for a {cfg['n_stages']}-stage "
+                         f"U-Net, got {stage}")
+    return f"decoder.stages.{cfg['n_stages'] - 1 - stage}"
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, num_classes: int, smooth: float = 1e-5) -> torch.Tensor:
@@ -314,7 +319,8 @@ class Synapse(engine.Task):
     def build_model(self, cfg: dict, data: Volumes3D) -> CoTrainingWrapper:
         k = len(data.class_names)
         wrapper = CoTrainingWrapper(build_unet(cfg, k, data.spacing), build_unet(cfg, k, data.spacing),
-                                    feature_layer=feature_layer_name(cfg), feature_channels=cfg["features"][0],
+                                    feature_layer=feature_layer_name(cfg),
+                                    feature_channels=cfg["features"][int(cfg.get("feature_stage") or 1) - 1],
                                     embed_dim=cfg["embed_dim"], hidden_dim=cfg["hidden_dim"], spatial_dims=3,
                                     sparse_heads=not cfg.get("dense_heads", False),
                                     point_norm=cfg.get("point_norm", "sample"))

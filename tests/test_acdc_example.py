@@ -355,3 +355,44 @@ def test_checkpoints_are_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
     src = inspect.getsource(engine.Run)
     assert 'torch.save(' not in src and src.count("save_atomic(") == 2  # last.pt (Run.save) and best.pt
+
+
+def test_mechanism_probe_through_training_and_resume(fake_root, tmp_path):
+    """``--mechanism-every``: the probe's measurements (both spaces) every N steps in
+    mechanism.json, kept across a resume; the run itself is the same as without it."""
+    common = ["--data-root", str(fake_root)] + TINY + ["--probe-pixels", "20"]
+    plain = acdc_cps_dacl.main(common + ["--output-dir", str(tmp_path / "plain")])
+    probed = acdc_cps_dacl.main(common + ["--output-dir", str(tmp_path / "p"), "--mechanism-every", "2",
+                                          "--stop-at", "2"])
+    assert probed == {"stopped_at": 2}
+    probed = acdc_cps_dacl.main(common + ["--output-dir", str(tmp_path / "p"), "--mechanism-every", "2", "--resume"])
+    assert probed["test"]["mean"] == plain["test"]["mean"]  # measuring changes nothing of the run
+    rec = json.loads((tmp_path / "p" / "mechanism.json").read_text())["records"]
+    assert [r["step"] for r in rec] == [2, 4]
+    for space in ("feature", "head"):
+        m = rec[-1][space]
+        assert -1 <= m["silhouette"] <= 1 and m["davies_bouldin"] > 0 and math.isfinite(m["l_cl"])
+        assert set(m["tail_density"]) <= {"background", "RV", "Myo", "LV"} and -1 <= m["tail_density_mean"] <= 1
+    assert rec[0]["pixels"] == rec[1]["pixels"] > 0
+
+
+def test_hypotheses_are_named_flag_sets(fake_root, tmp_path):
+    import engine
+
+    cfg = acdc_cps_dacl.make_config(["--preset", "cpu", "--hypothesis", "H5-constant"])
+    assert (cfg["ramp_shape"], cfg["lambda_cl"]) == ("constant", 0.5)
+    cfg = acdc_cps_dacl.make_config(["--preset", "cpu", "--hypothesis", "H5-constant", "--lambda-cl", "0.2"])
+    assert cfg["lambda_cl"] == 0.2  # the command line wins
+    assert acdc_cps_dacl.make_config(["--preset", "cpu", "--hypothesis", "H1-long"])["steps"] == 9000
+    assert acdc_cps_dacl.make_config(["--preset", "cpu", "--hypothesis", "H3-labeled"])["pseudo_policy"] == "none"
+    assert acdc_cps_dacl.make_config(["--preset", "cpu", "--hypothesis", "H3-agree"])["pseudo_agree"] is True
+    assert set(engine.HYPOTHESES) == {"H1-long", "H3-labeled", "H3-agree", "H4-stage2", "H5-constant"}
+    # H4: the heads on the decoder stage before the last (half resolution here), trained end to end
+    m = acdc_cps_dacl.main(["--data-root", str(fake_root), "--output-dir", str(tmp_path / "h4")] + TINY
+                           + ["--hypothesis", "H4-stage2", "--steps", "2", "--val-every", "2"])
+    cfg = json.loads((tmp_path / "h4" / "config.json").read_text())
+    assert cfg["feature_stage"] == 2 and math.isfinite(m["test"]["mean"]["dice"])
+    from acdc_model import build_wrapper
+
+    w = build_wrapper(cfg)
+    assert w.feature_layer == "decoder.blocks.1" and w.head_a.in_channels == 16

@@ -393,3 +393,41 @@ def test_paired_losses_equal_two_separate_calls(sparse):
     ea, ya = torch.randn(2, width, 5, 5, generator=g), torch.randint(0, C, (2, 5, 5), generator=g)
     _, d_odd = paired_losses(SoftDensityContrastiveLoss(C, D, **SMALL), odd, ea, ya, ea, ya, *heads)
     torch.testing.assert_close(d_odd.loss, ref(ea, ya, head=heads[1]))
+
+
+def test_hypothesis_options_of_the_objective():
+    """The options issue #27's hypotheses are built from: no pseudo labels (H3: DACL on labeled
+    pixels only), pseudo labels where both models agree (H3), a constant lambda_CL after the
+    warm-up (H5), and a feature layer coarser than the logits (H4: labels follow it)."""
+    g = torch.Generator().manual_seed(0)
+    la, lb = torch.randn(4, C, 8, 8, generator=g) * 4, torch.randn(4, C, 8, 8, generator=g) * 4
+    y = torch.randint(0, C, (4, 8, 8), generator=g)
+    labeled = torch.tensor([True, True, False, False])
+    # "none": ground truth on labeled rows, nothing elsewhere
+    got, conf = dacl_labels(y, labeled, lb, "none")
+    assert torch.equal(got[:2], y[:2]) and bool((got[2:] == -100).all()) and not conf.any()
+    # agreement: a subset of the policy's pseudo labels, exactly where the argmaxes agree
+    base = DACLObjective(C, D, total_steps=10, warmup=0, pseudo_confidence=0.5, **SMALL)
+    agree = DACLObjective(C, D, total_steps=10, warmup=0, pseudo_confidence=0.5, pseudo_agree=True, **SMALL)
+    e = torch.randn(4, D, 8, 8, generator=g)
+    r_base = base(la, lb, e, e, y, labeled)
+    r_agree = agree(la, lb, e, e, y, labeled)
+    same = (la.argmax(1) == lb.argmax(1))[2:]
+    ya, ca = base.labels_for(y, labeled, lb)
+    expect = (ca[2:] & same).sum()
+    assert 0 < int(expect) < int(ca[2:].sum())
+    assert float(r_agree.stats["pseudo_pixels"].sum()) < float(r_base.stats["pseudo_pixels"].sum())
+    # constant lambda after the warm-up (Fig. 5a), Eq. 1's Gaussian otherwise
+    ramp = GaussianRampUp(total_steps=100, max_weight=0.5, warmup_steps=10, shape="constant")
+    values = []
+    for _ in range(100):
+        values.append(ramp.value)
+        ramp.step()
+    assert values[:10] == [0.0] * 10 and values[10:] == [0.5] * 90
+    with pytest.raises(ValueError, match="shape"):
+        GaussianRampUp(total_steps=10, shape="linear")
+    # a coarser feature layer: the objective resizes the labels to it
+    coarse = torch.randn(4, D, 4, 4, generator=g, requires_grad=True)
+    res = DACLObjective(C, D, total_steps=10, warmup=0, pixel_stride=2, **SMALL)(la, lb, coarse, coarse, y, labeled)
+    res.loss.backward()
+    assert torch.isfinite(res.loss) and coarse.grad is not None

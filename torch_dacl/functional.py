@@ -690,6 +690,8 @@ def dacl_labels(
       confident on background first); this keeps every predicted class represented. The
       per-class cut is taken on a ``num_bins``-bin confidence histogram (vectorised, no host
       synchronisation; pixels tied in the cut's bin are all kept).
+    - ``"none"``: no pseudo labels; the unlabeled rows are ignored, DACL sees ground truth
+      only.
     - ``"class_prior"``: for a class the other model does not (yet) predict anywhere, neither
       policy above gives a pixel. This one expects each class to cover about the share of
       pixels it has in the batch's *labeled* images (:math:`\pi_c`), and labels as ``c`` the
@@ -745,6 +747,9 @@ def dacl_labels(
         labeled = labeled.to(torch.bool)
         out = labels.long().clone()
         confident = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+        if policy == "none":
+            lab = labeled.view((n,) + (1,) * len(spatial)).to(out.device)
+            return torch.where(lab, out, torch.full_like(out, ignore_index)), confident
         if _pick_rows(labeled):
             # the unlabeled rows alone (picking rows by a CPU mask needs no device synchronisation):
             # the pseudo labels of the labeled rows would be thrown away

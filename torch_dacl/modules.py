@@ -10,7 +10,7 @@ from torch import nn
 
 from . import functional as DF
 from ._validation import check_int, check_ks, check_real, look_up_option
-from .options import PRECISIONS
+from .options import PRECISIONS, RAMP_SHAPES
 
 __all__ = ["MaskedAveragePool", "MultiScaleDensity", "GaussianRampUp"]
 
@@ -137,6 +137,8 @@ class GaussianRampUp(nn.Module):
             caused by the initialized prototypes"): an int counts steps, a float in
             ``[0, 1)`` is a fraction of ``total_steps`` (the paper's is ``1000 / 30000``).
             A warning is issued when the warm-up covers the whole run.
+        shape: ``"gaussian"`` (Eq. 1) or ``"constant"``: ``max_weight`` from the end of the
+            warm-up on (the constant :math:`\lambda_{CL}` of the paper's Fig. 5a; not Eq. 1).
 
     Example:
         >>> ramp = GaussianRampUp(total_steps=100, warmup_steps=10)
@@ -150,19 +152,24 @@ class GaussianRampUp(nn.Module):
 
     step_count: torch.Tensor
 
-    def __init__(self, total_steps: int, max_weight: float = 0.1, warmup_steps: Union[int, float] = 1000) -> None:
+    def __init__(self, total_steps: int, max_weight: float = 0.1, warmup_steps: Union[int, float] = 1000,
+                 shape: str = "gaussian") -> None:
         super().__init__()
         self.total_steps = check_int("total_steps", total_steps)
         self.max_weight = float(max_weight)
         self.warmup_steps = resolve_warmup(warmup_steps, self.total_steps)
+        self.shape = look_up_option("shape", shape, RAMP_SHAPES)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
-        return f"total_steps={self.total_steps}, max_weight={self.max_weight}, warmup_steps={self.warmup_steps}"
+        return (f"total_steps={self.total_steps}, max_weight={self.max_weight}, warmup_steps={self.warmup_steps}"
+                + ("" if self.shape == "gaussian" else f", shape={self.shape!r}"))
 
     @property
     def value(self) -> float:
         """Current weight :math:`\\lambda_{CL}(t)`."""
+        if self.shape == "constant":
+            return self.max_weight if int(self.step_count) >= self.warmup_steps else 0.0
         return DF.gaussian_rampup(int(self.step_count), self.total_steps, self.max_weight, self.warmup_steps)
 
     def step(self) -> None:

@@ -17,6 +17,7 @@ import math
 from typing import Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import functional as DF
@@ -132,6 +133,11 @@ class DACLObjective(nn.Module):
         sparse_heads: with ``heads``, run them at the sampled pixels (default True) or take
             dense embeddings (False).
         cross: compute the CPS term (default True); False for a loop that keeps its own.
+        pseudo_agree: keep a pseudo label only where the two models' argmax agree (on top of
+            ``pseudo_policy``; default False, the paper's rule is silent).
+        ramp_shape: ``"gaussian"`` (Eq. 1) or ``"constant"`` (``lambda_cl`` from the end of
+            the warm-up on, as Fig. 5a's constant :math:`\lambda_{CL}`), see
+            :class:`~torch_dacl.GaussianRampUp`.
         ignore_index: label value that takes no part.
         **loss_options: passed to both :class:`~torch_dacl.SoftDensityContrastiveLoss`
             (``temperature``, ``ks``, ``num_anchors``, ``bank_size``, ``weighting``,
@@ -182,6 +188,8 @@ class DACLObjective(nn.Module):
         ignore_index: int = -100,
         sparse_heads: bool = True,
         cross: bool = True,
+        pseudo_agree: bool = False,
+        ramp_shape: str = "gaussian",
         **loss_options,
     ) -> None:
         super().__init__()
@@ -222,7 +230,8 @@ class DACLObjective(nn.Module):
         self.ignore_index = ignore_index
         self.sparse_heads = bool(sparse_heads) and heads is not None
         self.cross = bool(cross)
-        self.ramp = GaussianRampUp(total_steps, max_weight=lambda_cl, warmup_steps=warmup)
+        self.pseudo_agree = bool(pseudo_agree)
+        self.ramp = GaussianRampUp(total_steps, max_weight=lambda_cl, warmup_steps=warmup, shape=ramp_shape)
         seed = loss_options.pop("seed", None)  # one seed: the two losses get distinct streams from it
         self.loss_a = SoftDensityContrastiveLoss(num_classes, dim, ignore_index=ignore_index, seed=seed,
                                                  **loss_options)
@@ -253,7 +262,8 @@ class DACLObjective(nn.Module):
         return (f"lambda_cross={self.lambda_cross}, contrastive={self.contrastive}, "
                 f"pseudo_policy={self.pseudo_policy!r}, pseudo_confidence={self.pseudo_confidence}, "
                 f"pseudo_fraction={self.pseudo_fraction}, pixel_stride={self.pixel_stride}, "
-                f"head_weight={self.head_weight}, sparse_heads={self.sparse_heads}, cross={self.cross}")
+                f"head_weight={self.head_weight}, sparse_heads={self.sparse_heads}, cross={self.cross}"
+                + (", pseudo_agree=True" if self.pseudo_agree else ""))
 
     # ------------------------------------------------------------------ schedule and heads
     @property
@@ -317,6 +327,12 @@ class DACLObjective(nn.Module):
         labeled = labeled.to(device=logits_a.device, dtype=torch.bool)
         ya, conf_a = self.labels_for(labels, labeled, logits_b)
         yb, conf_b = self.labels_for(labels, labeled, logits_a)
+        if self.pseudo_agree:  # only where both models predict the same class
+            with torch.no_grad():
+                agree = logits_a.detach().max(1).indices == logits_b.detach().max(1).indices
+            ya = torch.where(conf_a & ~agree, torch.full_like(ya, self.ignore_index), ya)
+            yb = torch.where(conf_b & ~agree, torch.full_like(yb, self.ignore_index), yb)
+            conf_a, conf_b = conf_a & agree, conf_b & agree
         pseudo = (self._count(ya, conf_a) + self._count(yb, conf_b)) / 2
         ea, eb = embeddings_a, embeddings_b
         head_a = head_b = None
@@ -329,13 +345,13 @@ class DACLObjective(nn.Module):
                                  f"build the objective with sparse_heads=False for dense embeddings")
             if self.loss_a.anchor_mode == "class":  # class anchors: gradient through every pixel's prototype
                 ea, eb, head_a, head_b = head_a(ea), head_b(eb), None, None
+        if ya.shape[1:] != ea.shape[2:]:  # a feature layer at another resolution: labels follow it (nearest)
+            ya, yb = (F.interpolate(y.unsqueeze(1).float(), size=ea.shape[2:], mode="nearest").squeeze(1).long()
+                      for y in (ya, yb))
         s = self.pixel_stride
         if s > 1:  # a regular grid with a random offset (drawn on the CPU: no device sync)
             off = [int(v) for v in torch.randint(s, (ea.dim() - 2,))]
             grid = (Ellipsis,) + tuple(slice(o, None, s) for o in off)
-            if ya.shape[1:] != ea.shape[2:]:
-                raise ValueError(f"pixel_stride: expects labels at the embeddings' resolution "
-                                 f"{tuple(ea.shape[2:])}, got {tuple(ya.shape[1:])}")
             ea, eb, ya, yb = ea[grid], eb[grid], ya[grid], yb[grid]
         det_a, det_b = paired_losses(self.loss_a, self.loss_b, ea, ya, eb, yb, head_a, head_b)  # one grouped call
         weight = lam if self.head_weight is None else self.head_weight

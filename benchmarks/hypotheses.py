@@ -1,0 +1,203 @@
+"""Issue #27: where DACL's effect goes. Runs the hypotheses' variants of the ACDC ``cpu`` preset
+on the validation split only, and tabulates them.
+
+Every run validates on all 20 validation volumes every 500 steps and stops before the test
+split (``--val-volumes 0 --no-test``). Its **score** is the mean validation Dice of its last
+three validations (steps 2000, 2500, 3000 of the preset; 8000, 8500, 9000 of ``H1-long``): less
+noisy than the best single checkpoint on 10 volumes, and not chosen by looking at the curve.
+
+Variants (the examples' flags; ``--hypothesis`` names are defined once, in
+``examples/engine.py``'s ``HYPOTHESES``):
+
+==============  =======================================================  ==========
+variant         what                                                      patients
+==============  =======================================================  ==========
+cps, dacl       the baselines                                             7
+II              Table 2's row II (plain contrastive), for the mechanism   7
+H3-labeled      DACL on labeled pixels only (no pseudo labels)            7
+H3-agree        pseudo labels only where both models agree                7
+H4-stage2       heads one decoder stage earlier (half resolution)        7
+H5-constant     lambda_CL constant 0.5 after the warm-up (Fig. 5a)        7
+H1-long-cps     CPS, 3x longer (9000 steps)                               3
+H1-long-dacl    DACL, 3x longer (9000 steps)                              3
+==============  =======================================================  ==========
+
+Usage::
+
+    python benchmarks/hypotheses.py run --variants cps dacl --seeds 0 1     # missing runs (resumes)
+    python benchmarks/hypotheses.py collect    # -> benchmarks/results/acdc_hypotheses.{json,md}
+
+Runs of seed 0 of ``cps``, ``dacl`` and ``II`` also record the mechanism through training
+(``--mechanism-every 500``; ``benchmarks/mechanism_curves.py`` plots it). A variant *moves*
+when its mean score beats both baselines' by more than their larger seed spread (std); only
+those would get test seeds (issue #27, item 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "examples"))
+from _cli import int_range  # noqa: E402
+
+VARIANTS: Dict[str, dict] = {
+    "cps": dict(flags=["--method", "cps"], patients=7, what="CPS (baseline)"),
+    "dacl": dict(flags=["--method", "dacl"], patients=7, what="DACL (baseline)"),
+    "II": dict(flags=["--method", "dacl", "--table2-row", "II"], patients=7, what="Table 2 II: plain contrastive"),
+    "H3-labeled": dict(flags=["--method", "dacl", "--hypothesis", "H3-labeled"], patients=7,
+                       what="H3: DACL on labeled pixels only"),
+    "H3-agree": dict(flags=["--method", "dacl", "--hypothesis", "H3-agree"], patients=7,
+                     what="H3: pseudo labels where both models agree"),
+    "H4-stage2": dict(flags=["--method", "dacl", "--hypothesis", "H4-stage2"], patients=7,
+                      what="H4: heads one decoder stage earlier"),
+    "H5-constant": dict(flags=["--method", "dacl", "--hypothesis", "H5-constant"], patients=7,
+                        what="H5: lambda_CL constant 0.5 after the warm-up"),
+    "H1-long-cps": dict(flags=["--method", "cps", "--hypothesis", "H1-long"], patients=3,
+                        what="H1: CPS, 3x longer (3 patients)"),
+    "H1-long-dacl": dict(flags=["--method", "dacl", "--hypothesis", "H1-long"], patients=3,
+                         what="H1: DACL, 3x longer (3 patients)"),
+}
+MECHANISM = ("cps", "dacl", "II")  # seed 0 of these records the mechanism through training
+BASELINES = {7: ("cps", "dacl"), 3: ("H1-long-cps", "H1-long-dacl")}
+COMMON = ["--preset", "cpu", "--val-volumes", "0", "--val-every", "500", "--no-test", "--threads", "1",
+          "--no-progress"]
+LAST = 3  # the score: mean of the last three validations
+
+
+def run_dir(runs: Path, variant: str, seed: int) -> Path:
+    return runs / f"acdc_cpu_{variant}_p{VARIANTS[variant]['patients']}_seed{seed}"
+
+
+def history(folder: Path) -> Optional[dict]:
+    """The run's validation history and config, from ``val_history.json`` (finished runs) or
+    ``last.pt`` (runs still going); None where the folder holds neither."""
+    vh = folder / "val_history.json"
+    if vh.is_file():
+        d = json.loads(vh.read_text())
+        cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        return {"history": d["history"], "config": cfg, "finished": True}
+    if (folder / "last.pt").is_file():
+        import torch
+
+        ck = torch.load(folder / "last.pt", map_location="cpu", weights_only=False)
+        return {"history": ck["history"], "config": ck["config"], "finished": ck["step"] >= ck["config"]["steps"]}
+    return None
+
+
+def score(hist: List[dict], steps: int) -> Optional[float]:
+    """Mean validation Dice (%) of the last three validations, once the run has them all."""
+    if len(hist) < LAST or hist[-1]["step"] < steps:
+        return None
+    return 100.0 * statistics.mean(h["mean_dice"] for h in hist[-LAST:])
+
+
+def run(args) -> None:
+    for variant in args.variants:
+        for seed in args.seeds:
+            out = run_dir(args.runs, variant, seed)
+            h = history(out)
+            if h is not None and h["finished"]:
+                print(f"[skip] {out.name}: finished")
+                continue
+            cmd = [sys.executable, str(ROOT / "examples" / "acdc_cps_dacl.py"), *COMMON, *VARIANTS[variant]["flags"],
+                   "--labeled", str(VARIANTS[variant]["patients"]), "--seed", str(seed), "--output-dir", str(out)]
+            if variant in MECHANISM and seed == 0:
+                cmd += ["--mechanism-every", "500"]
+            if (out / "last.pt").is_file():
+                cmd += ["--resume"]
+            print("[run]", " ".join(cmd[1:]), flush=True)
+            t0 = time.time()
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            print(f"[done] {out.name} in {time.time() - t0:.0f} s", flush=True)
+
+
+def _stat(xs: Sequence[float]) -> dict:
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)} if xs \
+        else {"mean": None, "std": None, "n": 0}
+
+
+def collect(args) -> dict:
+    rows = []
+    for variant, spec in VARIANTS.items():
+        per_seed, steps_done, commits = {}, {}, set()
+        for folder in sorted(args.runs.glob(f"acdc_cpu_{variant}_p{spec['patients']}_seed*")):
+            h = history(folder)
+            if h is None:
+                continue
+            seed = folder.name.rsplit("seed", 1)[1]
+            steps_done[seed] = h["history"][-1]["step"] if h["history"] else 0
+            commits.add(h["config"].get("commit") or "unknown")
+            s = score(h["history"], h["config"]["steps"])
+            if s is not None:
+                per_seed[seed] = s
+        rows.append({"variant": variant, "what": spec["what"], "patients": spec["patients"], "scores": per_seed,
+                     "score": _stat(list(per_seed.values())), "steps_done": steps_done, "commits": sorted(commits)})
+    by = {r["variant"]: r for r in rows}
+    for r in rows:  # paired by seed against the baselines of its label count
+        for base in BASELINES[r["patients"]]:
+            if base == r["variant"]:
+                continue
+            common = sorted(set(r["scores"]) & set(by[base]["scores"]))
+            r[f"minus_{base}"] = _stat([r["scores"][s] - by[base]["scores"][s] for s in common])
+        bases = [by[b]["score"] for b in BASELINES[r["patients"]]]
+        if r["variant"] not in BASELINES[r["patients"]] and r["score"]["n"] and all(b["n"] for b in bases):
+            margin = max(b["std"] for b in bases)
+            r["moves"] = r["score"]["mean"] - max(b["mean"] for b in bases) > margin
+    table = {"what": "ACDC cpu preset, validation split only (all 20 volumes); score = mean validation Dice (%) of "
+                     f"the last {LAST} validations (every 500 steps); differences paired by seed",
+             "command": "python benchmarks/hypotheses.py collect", "rows": rows}
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(table, indent=1))
+    out.with_suffix(".md").write_text(markdown(table))
+    print(markdown(table))
+    return table
+
+
+def _fmt(st: Optional[dict], signed: bool = False) -> str:
+    if not st or st.get("n", 0) == 0 or st["mean"] is None:
+        return "–"
+    return f"{st['mean']:+.2f} ± {st['std']:.2f}" if signed else f"{st['mean']:.2f} ± {st['std']:.2f}"
+
+
+def markdown(table: dict) -> str:
+    lines = [f"# Where DACL's effect goes: the hypotheses on validation (issue #27)", "",
+             table["what"] + ".", "", f"Command: `{table['command']}` (runs: `python benchmarks/hypotheses.py run`).", "",
+             "| variant | patients | score, mean ± std (seeds) | per seed | − CPS | − DACL | beats both beyond the "
+             "spread | commit |", "|---|---|---|---|---|---|---|---|"]
+    for r in table["rows"]:
+        base_cps, base_dacl = BASELINES[r["patients"]]
+        per = ", ".join(f"{s}: {v:.2f}" for s, v in sorted(r["scores"].items())) or \
+            ", ".join(f"{s}: step {n}" for s, n in sorted(r["steps_done"].items())) or "not run"
+        moves = {True: "yes", False: "no"}.get(r.get("moves"), "–")
+        lines.append(f"| {r['what']} | {r['patients']} | {_fmt(r['score'])} ({r['score']['n']}) | {per} | "
+                     f"{_fmt(r.get('minus_' + base_cps), True)} | {_fmt(r.get('minus_' + base_dacl), True)} | {moves} | "
+                     f"{', '.join(r['commits']) or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("run", "collect"))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int_range(0), default=[0, 1])
+    p.add_argument("--runs", type=Path, default=ROOT / "runs" / "hyp")
+    p.add_argument("--out", type=Path, default=RESULTS / "acdc_hypotheses")
+    args = p.parse_args(argv)
+    if args.action == "run":
+        run(args)
+        return None
+    return collect(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""benchmarks/hypotheses.py (issue #27's table) and benchmarks/mechanism_curves.py on synthetic
+run folders: the score, the pairing by seed, the 'moves' rule, the figure."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import hypotheses  # noqa: E402
+import mechanism_curves  # noqa: E402
+
+
+def _run(runs: Path, variant: str, seed: int, dice: list, steps: int = 3000) -> None:
+    folder = hypotheses.run_dir(runs, variant, seed)
+    folder.mkdir(parents=True)
+    hist = [{"step": 500 * (i + 1), "mean_dice": d} for i, d in enumerate(dice)]
+    (folder / "val_history.json").write_text(json.dumps({"history": hist}))
+    (folder / "config.json").write_text(json.dumps({"steps": steps, "commit": "abc1234"}))
+
+
+def test_scores_pairs_and_the_moves_rule(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (c, d, h) in enumerate([(0.80, 0.79, 0.85), (0.81, 0.82, 0.86)]):
+        _run(runs, "cps", seed, [0.5, 0.6, 0.7, c, c, c])
+        _run(runs, "dacl", seed, [0.5, 0.6, 0.7, d, d, d])
+        _run(runs, "H5-constant", seed, [0.5, 0.6, 0.7, h - 0.01, h, h + 0.01])
+    _run(runs, "H3-agree", 0, [0.5, 0.6, 0.7])  # not finished: no score, its progress shown
+    table = hypotheses.main(["collect", "--runs", str(runs), "--out", str(tmp_path / "out" / "hyp")])
+    rows = {r["variant"]: r for r in table["rows"]}
+    assert rows["cps"]["scores"] == {"0": pytest.approx(80.0), "1": pytest.approx(81.0)}
+    assert rows["H5-constant"]["score"]["mean"] == pytest.approx(85.5)
+    assert rows["H5-constant"]["minus_cps"]["mean"] == pytest.approx(5.0)
+    assert rows["H5-constant"]["minus_dacl"]["mean"] == pytest.approx(5.0)
+    assert rows["H5-constant"]["moves"] is True and "moves" not in rows["cps"]
+    assert rows["H3-agree"]["score"]["n"] == 0 and rows["H3-agree"]["steps_done"] == {"0": 1500}
+    md = (tmp_path / "out" / "hyp.md").read_text()
+    assert "| H5: lambda_CL constant 0.5 after the warm-up | 7 | 85.50 ± 0.71 (2) |" in md
+    assert "0: step 1500" in md and "abc1234" in md
+
+
+def test_mechanism_curves_writes_json_and_figure(tmp_path):
+    rec = lambda step, s: {"step": step, "pixels": 8, "lambda_cl": 0.1, **{  # noqa: E731
+        space: {"silhouette": s, "davies_bouldin": 1 / s, "tail_density_mean": s / 2, "tail_density": {"RV": s / 2},
+                "l_cl": 2 - s} for space in ("head", "feature")}}
+    for name, s in (("cps", 0.2), ("dacl", 0.4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mechanism.json").write_text(json.dumps({"records": [rec(500, s), rec(1000, s + 0.1)]}))
+    (tmp_path / "empty").mkdir()
+    res = mechanism_curves.main([str(tmp_path / "cps"), str(tmp_path / "dacl"), str(tmp_path / "empty"),
+                                 "--names", "CPS", "DACL", "none", "--out", str(tmp_path / "out")])
+    assert [len(r["records"]) for r in res["runs"]] == [2, 2, 0]
+    saved = json.loads((tmp_path / "out" / "mechanism_training.json").read_text())
+    assert saved["runs"][1]["records"][1]["head"]["silhouette"] == pytest.approx(0.5)
+    assert (tmp_path / "out" / "mechanism_training.png").stat().st_size > 5000
+    with pytest.raises(SystemExit):
+        mechanism_curves.main([str(tmp_path / "cps"), "--names", "a", "b"])
