@@ -122,6 +122,7 @@ def run_mutmut(ref: str, workdir: Path, files, tests, max_children: int) -> dict
 [tool.mutmut]
 source_paths = ["torch_dacl"]
 only_mutate = {q(files)}
+also_copy = ["examples", "benchmarks"]
 pytest_add_cli_args = {q(PYTEST_ARGS + MUTMUT_DESELECT)}
 pytest_add_cli_args_test_selection = {q(tests)}
 """)

@@ -14,7 +14,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
-import _data  # noqa: E402  (the examples' one data lookup; the tests use it as it is)
+
+
+def _lookup():
+    """The examples' one data lookup (``examples/_data.py``), which the tests use as it is;
+    imported when a test needs data, so that the library's tests run without the examples."""
+    import _data
+
+    return _data
 
 # The tests write nothing inside the checkout: hypothesis keeps no example database, and its
 # other files (a cache of the constants it reads from the code) go to a temporary folder,
@@ -42,7 +49,7 @@ def data_root(config=None) -> Path:
     """The examples' lookup (``_data.data_sources``): ``--data-root``, then ``$TORCH_DACL_DATA``,
     then the cache of ``examples/get_data.py``. Never downloads."""
     opt = config.getoption("--data-root", default=None) if config is not None else None
-    return _data.data_sources(opt)[0][1]
+    return _lookup().data_sources(opt)[0][1]
 
 
 def _unreadable(path: Path, probe):
@@ -72,9 +79,10 @@ def require_data(config, name: str, probe=True) -> Path:
     root = data_root(config)
     path = root / name
     if not path.exists():
-        dataset = {v: k for k, v in _data.DATASET_DIRS.items()}.get(name, name.lower())
-        pytest.skip(f"{name} not found at {path} (looked in: {_data.looked_in(opt)}); set --data-root or "
-                    f"TORCH_DACL_DATA, or run `{_data.get_data_command(dataset)}`")
+        lookup = _lookup()
+        dataset = {v: k for k, v in lookup.DATASET_DIRS.items()}.get(name, name.lower())
+        pytest.skip(f"{name} not found at {path} (looked in: {lookup.looked_in(opt)}); set --data-root or "
+                    f"TORCH_DACL_DATA, or run `{lookup.get_data_command(dataset)}`")
     why = "not a folder" if not path.is_dir() else _unreadable(path, probe)
     if why:
         msg = f"{name} at {path} exists but cannot be read: {why}"
