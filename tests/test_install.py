@@ -55,4 +55,6 @@ def test_readme_ci_and_pyproject_agree_on_torch_and_torchvision():
 def test_readme_install_order():
     """torch and torchvision first, from the CPU index, then the project with its extras."""
     lines = [ln.strip() for ln in _readme_install().splitlines() if ln.strip().startswith("pip install")]
-    assert len(lines) == 2 and "torch==" in lines[0] and lines[1].startswith('pip install -e ".[test,docs,examples]"')
+    assert len(lines) == 2 and "torch==" in lines[0] and lines[1].startswith('pip install -e ".[test,docs,examples,nnunet]"')
+    ci = (REPO / ".ci" / "run").read_text()
+    assert lines[1].split("pip install ", 1)[1] in ci  # CI installs the same extras

@@ -158,6 +158,7 @@ class ProjectionHead(nn.Module):
             raise ValueError(f"embed_points: expected x of shape (M, {self.in_channels}) (in_channels), "
                              f"got {tuple(x.shape)}")
         conv1, bn, _, conv2 = self.net
+        x = x.to(conv1.weight.dtype)  # e.g. half-precision features from an autocast forward
         h = F.linear(scale_gradient(x, self.input_grad_scale), conv1.weight.flatten(1), conv1.bias)
         if self.point_norm == "sample" and bn.training:
             w = torch.ones_like(h[:, :1]) if valid is None else valid.to(h.dtype).reshape(-1, 1)

@@ -127,20 +127,27 @@ def table_lines(table: rs.Table, ablation: bool = False) -> List[str]:
                 out += list_table(["Table 2 row", "seeds", "Dice (%)", "− CPS, paired by seed", "paper Dice (%)"], body,
                                   f"{table.dataset.upper()} {table.preset}, {labeled} labeled {unit}: Table 2's rows")
             continue
-        head = ["method", "seeds", "test cases", *(f"{collect.NAMES[m]} ({u[m]})" for m in metrics)]
-        if comparable:
-            head += ["paper Dice", "paper Jaccard", "paper ASD"]
-        body = []
-        for r in rows:
-            n = len(r.seeds)
-            cells = [collect.LABELS.get(r.variant, r.variant), n, r.num_test_cases, *(_pm(r.metrics[m], n) for m in metrics)]
+        # two tables that fit a page: overlap (Dice, Jaccard) and surface distance (HD95, ASD)
+        overlap = [m for m in metrics if u[m] == "%"]
+        surface = [m for m in metrics if u[m] != "%"]
+        title = f"{table.dataset.upper()} {table.preset}, {labeled} labeled {unit}"
+        for group, paper_keys, what in ((overlap, ("dice", "jaccard"), "overlap"), (surface, ("asd",), "surface distance")):
+            if not group:
+                continue
+            head = ["method", "seeds", *(f"{collect.NAMES[m]} ({u[m]})" for m in group)]
             if comparable:
-                p = collect.paper_row(comparable, labeled, r.variant) or {}
-                cells += [p.get(k, "–") + (" (Table 2)" if k == "dice" and p.get("source") == "Table 2" else "")
-                          for k in ("dice", "jaccard", "asd")]
-            body.append(cells)
-        out += list_table(head, body, f"{table.dataset.upper()} {table.preset}, {labeled} labeled {unit} "
-                                      "(mean ± std over seeds)")
+                head += [f"paper {collect.NAMES[k] if k != 'asd' else 'ASD'}" for k in paper_keys]
+            body = []
+            for r in rows:
+                n = len(r.seeds)
+                cells = [collect.LABELS.get(r.variant, r.variant), n, *(_pm(r.metrics[m], n) for m in group)]
+                if comparable:
+                    p = collect.paper_row(comparable, labeled, r.variant) or {}
+                    cells += [p.get(k, "–") + (" (Table 2)" if k == "dice" and p.get("source") == "Table 2" else "")
+                              for k in paper_keys]
+                body.append(cells)
+            out += list_table(head, body, f"{title}: {what} (mean ± std over seeds, "
+                                          f"{rows[0].num_test_cases} test cases)")
         pairs = [d for d in table.paired if d.labeled == labeled]
         if pairs:
             out += ["Test Dice differences paired by seed (percentage points):", ""]
@@ -195,9 +202,23 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _get(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 class Json(_Rst):
+    """``.. dacl-json:: FILE KEY...``: the list of rows (or mapping) under each KEY of a
+    benchmark JSON file as a table. ``:columns:`` picks and names the columns of a list of rows,
+    ``path = Header; path2 = Header2`` (dotted paths into each row; ``path*100`` multiplies
+    the value by 100); ``:caption:`` titles it; ``:command:`` adds the file's ``command``
+    below it."""
+
     required_arguments = 1
     optional_arguments = 20
+    option_spec = {"columns": directives.unchanged_required, "caption": directives.unchanged,
+                   "command": directives.flag}
 
     def run(self):
         path = self.repo_file(self.arguments[0])
@@ -205,6 +226,23 @@ class Json(_Rst):
             return _note(f"Not yet measured: {self.arguments[0]} does not exist yet.")
         data = json.loads(path.read_text())
         lines: List[str] = []
+        if "columns" in self.options:
+            cols = [c.split("=", 1) for c in self.options["columns"].split(";") if c.strip()]
+            cols = [(k.strip(), h.strip()) for k, h in cols]
+            for key in self.arguments[1:]:
+                rows = data.get(key) or []
+                body = []
+                for r in rows:
+                    cells = []
+                    for k, h in cols:
+                        scale = 100 if k.endswith("*100") else 1
+                        v = _get(r, k[:-4] if scale != 1 else k)
+                        cells.append(scale * v if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                    body.append(cells)
+                lines += list_table([h for _, h in cols], body, self.options.get("caption") or "")
+            if "command" in self.options and data.get("command"):
+                lines += [f"Measured by ``{data['command']}`` (``{self.arguments[0]}``).", ""]
+            return self.parse_lines(lines)
         for key in self.arguments[1:] or list(data):
             v = data.get(key)
             if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
@@ -318,9 +356,7 @@ class ScriptDoc(_Rst):
         if path is None:
             return _note(f"{self.arguments[0]} is not in the repository yet.")
         doc = ast.get_docstring(ast.parse(path.read_text())) or "(no module docstring)"
-        block = nodes.literal_block(doc, doc)
-        block["language"] = "text"
-        return [block]
+        return self.parse_lines(doc.splitlines() + [""])  # the script's own reStructuredText, rendered
 
 
 class Defaults(_Rst):
