@@ -107,7 +107,9 @@ def test_results_table_renders_as_list_tables():
     table = ext.rs.load_table(ROOT / "benchmarks" / "results" / "acdc_quick.json")
     tree = publish_doctree("\n".join(ext.table_lines(table)), settings_overrides={"report_level": 2, "halt_level": 2})
     tables = [n for n in tree.findall() if n.tagname == "table"]
-    assert len(tables) == 2  # 7 and 3 labeled patients
+    assert len(tables) == 4  # 7 and 3 labeled patients, each overlap (Dice, Jaccard) and surface distance
+    widths = [int(next(t.findall(lambda n: n.tagname == "tgroup"))["cols"]) for t in tables]
+    assert max(widths) <= 6  # a table that fits a printed page (it had 10 columns)
     text = tree.astext()
     assert "90.91 ± 0.5" in text and "42.46 ± 3.43" in text and "better in 1 of 3" in text
     ablation = publish_doctree("\n".join(ext.table_lines(table, ablation=True)))

@@ -230,7 +230,11 @@ class Json(_Rst):
             cols = [c.split("=", 1) for c in self.options["columns"].split(";") if c.strip()]
             cols = [(k.strip(), h.strip()) for k, h in cols]
             for key in self.arguments[1:]:
-                rows = data.get(key) or []
+                rows = _get(data, key) or []
+                if isinstance(rows, dict):  # {name: {...}} -> rows, the name under the path "_key"
+                    rows = [{"_key": k, **v} for k, v in rows.items() if isinstance(v, dict)]
+                if not rows:
+                    return _note(f"Not yet measured: {self.arguments[0]} has no {key!r} yet.")
                 body = []
                 for r in rows:
                     cells = []
@@ -321,6 +325,21 @@ def cli_lines(parser: argparse.ArgumentParser, script: str) -> List[str]:
     return lines
 
 
+class Figure(_Rst):
+    """``.. dacl-figure:: benchmarks/results/x.png`` with the caption as content: the figure where
+    the file exists, else a "not yet measured" note."""
+
+    required_arguments = 1
+    has_content = True
+    option_spec = {"width": directives.unchanged}
+
+    def run(self):
+        if self.repo_file(self.arguments[0]) is None:
+            return _note(f"Not yet measured: {self.arguments[0]} does not exist yet.")
+        lines = [f".. figure:: /../{self.arguments[0]}", f"   :width: {self.options.get('width', '100%')}"]
+        return self.parse_lines(lines + [""] + [f"   {ln}" for ln in self.content] + [""])
+
+
 class Cli(_Rst):
     required_arguments = 1
 
@@ -375,6 +394,7 @@ class Defaults(_Rst):
 
 def setup(app):
     for name, cls in (("dacl-table", Table), ("dacl-paper-table", PaperTable), ("dacl-json", Json),
+                      ("dacl-figure", Figure),
                       ("dacl-cli", Cli), ("dacl-script-doc", ScriptDoc), ("dacl-defaults", Defaults)):
         app.add_directive(name, cls)
     return {"version": "0.2", "parallel_read_safe": True, "parallel_write_safe": True}
