@@ -60,3 +60,26 @@ def test_mechanism_curves_writes_json_and_figure(tmp_path):
     assert (tmp_path / "out" / "mechanism_training.png").stat().st_size > 5000
     with pytest.raises(SystemExit):
         mechanism_curves.main([str(tmp_path / "cps"), "--names", "a", "b"])
+
+
+def test_nnunet_chaos_collects_nnunets_own_validation(tmp_path):
+    """benchmarks/nnunet_chaos.py reads nnU-Net's validation/summary.json and training log."""
+    import nnunet_chaos
+
+    for trainer, dice, times in (("nnUNetTrainer_5epochs", 0.6, [100.0, 110.0, 120.0]),
+                                 ("nnUNetTrainerDACL_5epochs", 0.65, [130.0, 140.0, 150.0])):
+        d = nnunet_chaos.fold_dir(tmp_path, trainer, 0)
+        (d / "validation").mkdir(parents=True)
+        (d / "validation" / "summary.json").write_text(json.dumps({
+            "foreground_mean": {"Dice": dice}, "mean": {str(c): {"Dice": dice} for c in range(1, 5)},
+            "metric_per_case": [{}, {}, {}, {}]}))
+        log = "".join(f"Epoch time: {t} s\n" for t in times)
+        if "DACL" in trainer:
+            log += "dacl_loss 3.5000, lambda_CL 0.0100, anchors per step 900\ndacl_loss 2.5000, lambda_CL 0.0900\n"
+        (d / "training_log_2026.txt").write_text(log)
+    table = nnunet_chaos.collect(tmp_path, ["nnUNetTrainer_5epochs", "nnUNetTrainerDACL_5epochs"], 0, 5,
+                                 tmp_path / "out" / "nnunet_chaos", "cmd")
+    base, dacl = table["rows"]
+    assert base["val_dice"] == pytest.approx(60.0) and base["seconds_per_epoch"] == 110.0 and base["epochs_done"] == 3
+    assert dacl["per_class_dice"]["spleen"] == pytest.approx(65.0) and dacl["dacl_loss_first_last"] == [3.5, 2.5]
+    assert "| nnUNetTrainerDACL_5epochs | 3 | 140 | 65.00 |" in (tmp_path / "out" / "nnunet_chaos.md").read_text()

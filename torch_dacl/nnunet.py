@@ -52,7 +52,8 @@ from .cotraining import ProjectionHead
 from .loss import SoftDensityContrastiveLoss
 from .modules import GaussianRampUp
 
-__all__ = ["nnUNetTrainerDACL", "trainer_folder"]
+__all__ = ["nnUNetTrainerDACL", "nnUNetTrainerDACL_5epochs", "nnUNetTrainerDACL_10epochs",
+           "nnUNetTrainerDACL_20epochs", "trainer_folder"]
 
 
 def trainer_folder() -> Path:
@@ -207,6 +208,33 @@ class nnUNetTrainerDACL(nnUNetTrainer):
             self.dacl_head.load_state_dict(checkpoint["dacl"]["head"])
             self.dacl_loss.load_state_dict(checkpoint["dacl"]["loss"])
             self.dacl_ramp.load_state_dict(checkpoint["dacl"]["ramp"])
+
+
+class nnUNetTrainerDACL_5epochs(nnUNetTrainerDACL):
+    """:class:`nnUNetTrainerDACL` for 5 epochs, beside nnU-Net's ``nnUNetTrainer_5epochs``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerDACL_10epochs(nnUNetTrainerDACL):
+    """:class:`nnUNetTrainerDACL` for 10 epochs, beside nnU-Net's ``nnUNetTrainer_10epochs``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 10
+
+
+class nnUNetTrainerDACL_20epochs(nnUNetTrainerDACL):
+    """:class:`nnUNetTrainerDACL` for 20 epochs, beside nnU-Net's ``nnUNetTrainer_20epochs``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
 
 
 def main(argv=None) -> None:
