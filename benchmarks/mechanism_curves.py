@@ -71,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run folders (or their mechanism.json)")
     p.add_argument("--names", nargs="+", default=None, help="one label per run (default: the folder names)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/mechanism_training"))
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "mechanism_training")
     args = p.parse_args(argv)
     names = args.names or [r.name for r in args.runs]
     if len(names) != len(args.runs):

@@ -172,9 +172,11 @@ class ACDC(engine.Task):
                                       limit=cfg[f"{split}_volumes"], full=full, amp_dtype=amp,
                                       keep_predictions=keep, progress=full and not cfg["no_progress"])
 
+    has_probe = True
+
     def probe(self, cfg: dict, data):
         """The mechanism probe: ``--probe-pixels`` pixels per class from 24 evenly spaced
-        validation slices with foreground (ACDC's val split; an nnU-Net folder's val cases)."""
+        validation slices with foreground of ACDC's val split (the built-in data only)."""
         from acdc_data import ACDCVolumes, resize_image
         from probe import MechanismProbe, probe_slices
 

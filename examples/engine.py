@@ -54,6 +54,7 @@ import _dist  # noqa: E402
 from _cli import ArgValueError, float_range, int_range  # noqa: E402
 from nnunet_data import NnUNetDataError, parse_labeled  # noqa: E402
 from torch_dacl import DACLObjective, gradient_share  # noqa: E402
+from torch_dacl.checkpoint import save_atomic  # noqa: E402  (best.pt, last.pt: never torn)
 from torch_dacl.functional import gaussian_rampup  # noqa: E402
 from acdc_plot import render, save_slices, select_slices  # noqa: E402
 from results_schema import METRICS, Best, Environment, Identity, RunRecord, TestResult, Timing, ValPoint  # noqa: E402
@@ -93,6 +94,7 @@ class Task:
     find_unused_parameters = False
     reseed_after_model = True   # False: the training RNG continues from the model's initialisation
     data_error: Tuple[type, ...] = (NnUNetDataError,)  # data errors the command line reports in one line
+    has_probe = False  # --mechanism-every: the task's probe() gives a MechanismProbe on its built-in data
 
     def add_arguments(self, group) -> None: ...  # the dataset's and the model's own flags
 
@@ -276,13 +278,12 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     cfg = {**{k: v for k, v in task.defaults.items() if k not in args}, **preset}
     for k, v in args.items():
         cfg[k] = v if v is not None or k not in fallback else preset.get(k, fallback[k])
+    given = _given(p, argv if argv is not None else sys.argv[1:])
     if cfg.get("table2_row"):  # the row's options, unless a flag of the command line sets them
         opts = table2_options(cfg["table2_row"])
         opts.update(ks=list(opts["ks"]), no_bank=not opts.pop("use_bank"))
-        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
         cfg.update({k: v for k, v in opts.items() if k not in given})
     if cfg.get("hypothesis"):  # the hypothesis's flags, unless the command line sets them
-        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
         for k, v in HYPOTHESES[cfg["hypothesis"]].items():
             if k == "steps_factor":
                 if "steps" not in given:
@@ -298,6 +299,10 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     cfg["ckpt_every"] = cfg["ckpt_every"] or cfg["val_every"]
     cfg["commit"] = _commit()  # the code a run ran (config.json): a table's runs name theirs
     cfg["device"] = cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.get("mechanism_every") and (not task.has_probe or cfg.get("dataset_dir")):
+        p.error(f"argument --mechanism-every: the {task.name} example has a mechanism probe on its built-in "
+                "ACDC data only" if task.has_probe else f"argument --mechanism-every: the {task.name} example has "
+                "no mechanism probe (the ACDC example has one)")
     if cfg["method"] != "sup" and cfg["unlabeled_bs"] < 1:
         p.error(f"argument --unlabeled-bs: --method {cfg['method']} needs an unlabeled batch >= 1, got "
                 f"{cfg['unlabeled_bs']}")
@@ -306,6 +311,24 @@ def make_config(task: Task, argv: Optional[Sequence[str]] = None) -> dict:
     except ArgValueError as e:
         p.error(str(e))
     return cfg
+
+
+def _given(p: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """The destinations of the flags ``argv`` sets, as argparse reads them (aliases such as
+    ``--iterations`` for ``--steps``, unique prefixes such as ``--lambda-c``)."""
+    opts = p._option_string_actions
+    out = set()
+    for tok in argv:
+        if not tok.startswith("--"):
+            continue
+        name = tok.split("=", 1)[0]
+        if name in opts:
+            out.add(opts[name].dest)
+            continue
+        matches = {opts[o].dest for o in opts if o.startswith(name)}
+        if len(matches) == 1:
+            out |= matches
+    return out
 
 
 def _commit() -> Optional[str]:
@@ -362,17 +385,6 @@ def seed_all(seed: int, torch_offset: int = 0) -> None:
     torch.manual_seed(seed + torch_offset)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to ``<path>.tmp``, then rename: an interrupted save never leaves a torn ``path``."""
-    tmp = Path(path).with_suffix(".tmp")
-    try:
-        torch.save(obj, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
     return base * (1.0 - min(step, total) / total) ** power
 
@@ -424,7 +436,11 @@ class Run:
         self.ubs = _dist.split_batch(cfg["unlabeled_bs"], "--unlabeled-bs")
         seed_all(cfg["seed"])
         t0 = time.time()
+        if _dist.is_dist() and not _dist.is_main():
+            _dist.barrier()  # rank 0 first: it may download and prepare the data
         self.data = task.build_data(cfg, run_dir)
+        if _dist.is_dist() and _dist.is_main():
+            _dist.barrier()
         cfg["class_names"] = list(self.data.class_names)
         self.wrapper = task.build_model(cfg, self.data).to(self.device)
         self.load_seconds = time.time() - t0
@@ -442,8 +458,6 @@ class Run:
         self.diagnostics: List[dict] = []  # DACL's per-class stats (and gradient share), every log step
         self.mechanism: List[dict] = []  # --mechanism-every: the probe's measurements
         self.probe = task.probe(cfg, self.data) if cfg.get("mechanism_every") and _dist.is_main() else None
-        if cfg.get("mechanism_every") and _dist.is_main() and self.probe is None:
-            raise ValueError(f"--mechanism-every: the {task.name} example has no mechanism probe")
         self.val_seconds = 0.0
         self.train_seconds = 0.0  # in training steps, over every process of the run (validation excluded)
 

@@ -15,9 +15,9 @@ under their file names (``ACDC.zip``, ``CHAOS_Train_Sets.zip``); ``--archive`` p
 file or an unpacked folder you already have.
 
 Offline, or when the server cannot be reached at all (the name does not resolve, the
-connection is refused or times out), it stops at once, naming the page to download the
-archive from by hand and ``--archive FILE``; only a transfer that broke off is retried, and
-resumed where it stopped. The training scripts call :func:`fetch` themselves when they find
+connection is refused, no route), it stops at once, naming the page to download the archive
+from by hand and ``--archive FILE``; a transfer that broke off, a timeout or a server error
+is retried, resuming where it stopped. The training scripts call :func:`fetch` themselves when they find
 no data (``--no-download`` refuses).
 
 ACDC (Bernard et al., IEEE TMI 2018): the official database at CREATIS, research use; the
@@ -164,10 +164,10 @@ def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int
     deleted and :class:`DownloadError` is raised. An existing ``dest`` that passes the checks
     is not downloaded again.
 
-    Only a transfer that started and broke off is retried (``retries`` times, resuming), and
-    an HTTP 5xx answer. When the server cannot be reached at all (no answer within
-    ``timeout`` seconds, the name does not resolve, the connection is refused)
-    :class:`UnreachableError` is raised at once.
+    When the server cannot be reached at all (the name does not resolve, the connection is
+    refused, no route) on the first try, :class:`UnreachableError` is raised at once: offline,
+    retrying would only wait. Everything else is retried (``retries`` times, with back-off,
+    resuming): a transfer that broke off, a timeout, a reset, an HTTP 5xx answer.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -197,11 +197,19 @@ def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int
             time.sleep(min(2.0 ** attempt, 30.0))
             continue
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            # no answer at all: offline, the name does not resolve, refused, timed out. Retrying
-            # would only wait; nothing was transferred.
             reason = getattr(e, "reason", e)
-            raise UnreachableError(f"cannot reach {urllib.parse.urlsplit(url).netloc or url} "
-                                   f"({type(reason).__name__}: {reason})") from e
+            where = urllib.parse.urlsplit(url).netloc or url
+            if _offline(reason) and attempt == 0 and not have:
+                # no network, or no such server: retrying would only wait
+                raise UnreachableError(f"cannot reach {where} ({type(reason).__name__}: {reason})") from e
+            attempt += 1  # a timeout, a reset, or a resume that failed to connect: retry
+            if attempt > retries:
+                raise DownloadError(f"{url}: {type(reason).__name__}: {reason} after {retries} retries"
+                                    + (f"; {have} bytes kept in {part}, run the command again to resume" if have
+                                       else "")) from e
+            log(f"no answer from {where} ({reason!r}); retrying ({attempt}/{retries})")
+            time.sleep(min(2.0 ** attempt, 30.0))
+            continue
         try:
             with resp:
                 status = resp.status
@@ -244,6 +252,15 @@ def download(url: str, dest: Path, md5: Optional[str] = None, size: Optional[int
         raise
     part.replace(dest)
     return dest
+
+
+def _offline(reason: BaseException) -> bool:
+    """An error that says the server cannot be reached from here at all: the name does not
+    resolve, the connection is refused, or there is no route (a timeout is not one of them)."""
+    import errno
+
+    return isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or \
+        getattr(reason, "errno", None) in (errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 def _verify(path: Path, md5: Optional[str], size: Optional[int], log: Callable[[str], None]) -> None:

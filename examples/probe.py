@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_dacl import SoftDensityContrastiveLoss
-from torch_dacl.functional import knn_density
+from torch_dacl.functional import knn_density, sample_pixels_per_class
 
 TAIL = 0.10  # the sparse tail: the lowest 10 % of a class's densities
 KS = (8, 16, 32)
@@ -58,13 +58,9 @@ class MechanismProbe:
 
     def _pick(self, labels: torch.Tensor) -> torch.Tensor:
         """Flat indices of up to ``per_class`` pixels of each class of ``labels`` (fixed seed)."""
-        g = torch.Generator().manual_seed(self.seed)
-        flat = labels.reshape(-1)
-        idx = []
-        for c in range(self.num_classes):  # once per measurement, a handful of classes
-            where = (flat == c).nonzero().squeeze(1)
-            idx.append(where[torch.randperm(where.numel(), generator=g)[:self.per_class]])
-        return torch.cat(idx)
+        index, valid = sample_pixels_per_class(labels, self.num_classes, self.per_class,
+                                               generator=torch.Generator().manual_seed(self.seed))
+        return index[valid]
 
     @torch.no_grad()
     def measure(self, wrapper, temperature: float = 0.4, device: Optional[torch.device] = None,

@@ -37,7 +37,8 @@ def test_data_downloaded_by_get_data_is_found(monkeypatch, tmp_path):
 
 def test_no_development_path_in_the_project():
     """The project's own machines keep data in a folder beside the checkout; users have no such
-    folder, so no code, test or text of the project names it (CI passes it as TORCH_DACL_DATA)."""
+    folder, so no code, test or text of the project names it, but for CI's own script
+    (``.ci/run``, which passes it to the clone as TORCH_DACL_DATA)."""
     dev = "/".join(["..", "sha" + "red"])  # (spelled apart, so that this test does not name it)
     files = []
     for folder, dirs, names in os.walk(REPO):

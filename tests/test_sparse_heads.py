@@ -225,3 +225,34 @@ def test_checkpoint_round_trip_resumes_the_objective_exactly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
     with pytest.raises(KeyError, match="holds"):
         load_checkpoint(tmp_path / "c.pt", scheduler=opt)
+
+
+def test_objective_refuses_the_heads_dense_output_when_it_runs_the_heads():
+    """A dense wrapper's embeddings given to an objective that runs the heads would go through
+    the head twice (undetectable by shape when F == D): the objective says so."""
+    net = lambda: nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))  # noqa: E731
+    w = CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=8, embed_dim=8, sparse_heads=False)
+    obj = DACLObjective(num_classes=3, total_steps=10, warmup=0, heads=w.heads, **SMALL)  # sparse by default
+    out = w(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="heads' dense output"):
+        obj(*out, labels=torch.randint(0, 3, (2, 8, 8)), labeled=torch.tensor([True, False]))
+    ok = DACLObjective.from_wrapper(w, num_classes=3, total_steps=10, warmup=0, **SMALL)  # follows the wrapper
+    assert not ok.sparse_heads and torch.isfinite(ok(*w(torch.randn(2, 1, 8, 8)), labels=torch.randint(
+        0, 3, (2, 8, 8)), labeled=torch.tensor([True, False])).loss)
+    assert DACLObjective.from_wrapper(w, num_classes=3, total_steps=10, sparse_heads=True, dim=8).sparse_heads
+
+
+def test_feature_layers_keeps_batchnorm_statistics():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    feature_layers(net, torch.randn(2, 1, 8, 8) * 5 + 3)
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_embed_points_normalises_in_float32_under_autocast():
+    head = ProjectionHead(4, 8)
+    x = torch.randn(50, 4)
+    ref = head.embed_points(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head.embed_points(x.bfloat16())
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)

@@ -9,11 +9,24 @@ from typing import Any, Dict, Union
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "save_atomic"]
 
 
 def _stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save(obj, path)`` through a temporary file and a rename: an interrupted save
+    never leaves a torn ``path``, and a failed one leaves nothing behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Union[str, os.PathLike], **objects: Any) -> None:
@@ -21,8 +34,10 @@ def save_checkpoint(path: Union[str, os.PathLike], **objects: Any) -> None:
 
     Objects with a ``state_dict`` (modules, :class:`~torch_dacl.DACLObjective` with its banks,
     schedule and random streams, optimizers, LR schedulers, ``GradScaler``) are saved by it;
-    anything else (a step count, a dict of metrics) as it is. The global torch random state
-    (CPU, and CUDA when available) is saved too, so a resumed loop draws what it would have.
+    anything else (a step count, a dict of metrics) as it is. The global random states are
+    saved too (torch's CPU and CUDA generators, Python's ``random``, NumPy's global one), so a
+    loop that draws from those draws on as it would have; a ``DataLoader``'s worker processes
+    and samplers keep their own state, which a loop checkpoints itself if it needs it.
 
     Example:
         >>> import tempfile, torch
@@ -38,21 +53,19 @@ def save_checkpoint(path: Union[str, os.PathLike], **objects: Any) -> None:
         >>> ramp2.value == ramp.value
         True
     """
-    state: Dict[str, Any] = {"_rng": {"torch": torch.get_rng_state()}}
+    import random
+
+    import numpy as np
+
+    state: Dict[str, Any] = {"_rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                      "numpy": np.random.get_state()}}
     if torch.cuda.is_available():
         state["_rng"]["cuda"] = torch.cuda.get_rng_state_all()
     for name, obj in objects.items():
         if name.startswith("_"):
             raise ValueError(f"{name}: names starting with '_' are reserved, got {name!r}")
         state[name] = {"state_dict": obj.state_dict()} if _stateful(obj) else {"value": obj}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    save_atomic(state, path)
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu", restore_rng: bool = True,
@@ -70,7 +83,14 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu", re
             raise ValueError(f"{name}: expected an object with load_state_dict, got {type(obj).__name__}")
         obj.load_state_dict(state[name]["state_dict"])
     if restore_rng and "_rng" in state:
+        import random
+
+        import numpy as np
+
         torch.set_rng_state(state["_rng"]["torch"])
+        if "python" in state["_rng"]:
+            random.setstate(state["_rng"]["python"])
+            np.random.set_state(state["_rng"]["numpy"])
         if "cuda" in state["_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["_rng"]["cuda"])
     return {k: v["value"] for k, v in state.items() if not k.startswith("_") and "value" in v}

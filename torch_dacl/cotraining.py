@@ -160,6 +160,7 @@ class ProjectionHead(nn.Module):
         conv1, bn, _, conv2 = self.net
         x = x.to(conv1.weight.dtype)  # e.g. half-precision features from an autocast forward
         h = F.linear(scale_gradient(x, self.input_grad_scale), conv1.weight.flatten(1), conv1.bias)
+        h = h.float()  # the normalisation in float32, as BatchNorm runs under autocast
         if self.point_norm == "sample" and bn.training:
             w = torch.ones_like(h[:, :1]) if valid is None else valid.to(h.dtype).reshape(-1, 1)
             n = w.sum()
@@ -180,10 +181,11 @@ def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tenso
     """BatchNorm's running-statistics update from a batch of ``n`` points (unbiased variance),
     as ``nn.BatchNorm`` does it in training, without a host synchronisation."""
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-        unbiased = var * n / (n - 1).clamp_min(1.0)
         keep = (n > 1).to(mean.dtype)  # a sample of fewer than 2 points leaves the statistics as they were
+        bn.num_batches_tracked.add_((n > 1).to(bn.num_batches_tracked.dtype))
+        # momentum=None (a cumulative average) needs the count on the host: one sync, only then
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / max(1, bn.num_batches_tracked.item())
+        unbiased = var * n / (n - 1).clamp_min(1.0)
         bn.running_mean.add_(momentum * keep * (mean - bn.running_mean))
         bn.running_var.add_(momentum * keep * (unbiased - bn.running_var))
 
@@ -397,7 +399,8 @@ def feature_layers(model: nn.Module, example_input: torch.Tensor) -> List[Featur
     """The submodules of ``model`` whose output could feed a projection head: every named
     submodule whose output (or the last element of a tuple/list output) has the rank of
     ``example_input`` (``(N, C, *spatial)``), in the order they run, with its channels and
-    resolution. Runs one forward pass without gradient (the model's mode is kept).
+    resolution. Runs one forward pass in ``eval()`` mode without gradient (the model's mode
+    and its BatchNorm statistics are kept).
 
     DACL contrasts pixel embeddings, so a layer at the input's full resolution (``scale``
     1.0, e.g. the last decoder block, as the examples use) keeps the most pixels; a coarser,
@@ -424,13 +427,24 @@ def feature_layers(model: nn.Module, example_input: torch.Tensor) -> List[Featur
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics move
     try:
         with torch.no_grad():
             model(example_input)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return found
+
+
+def made_by(x: torch.Tensor, head: "ProjectionHead") -> bool:
+    """Whether ``x`` is the output of ``head``'s dense forward (its last 1x1 conv is the
+    operation that made it): one look at the autograd graph, no computation."""
+    fn = getattr(x, "grad_fn", None)
+    weight = head.net[3].weight
+    return fn is not None and any(getattr(nf, "variable", None) is weight for nf, _ in fn.next_functions if nf)
 
 
 def _follow(head: nn.Module, model: nn.Module) -> nn.Module:

@@ -160,6 +160,9 @@ class GaussianRampUp(nn.Module):
         self.warmup_steps = resolve_warmup(warmup_steps, self.total_steps)
         self.shape = look_up_option("shape", shape, RAMP_SHAPES)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        # the step on the host too: reading the schedule never waits for the device
+        self._step = 0
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_step", int(module.step_count)))
 
     def extra_repr(self) -> str:
         return (f"total_steps={self.total_steps}, max_weight={self.max_weight}, warmup_steps={self.warmup_steps}"
@@ -169,12 +172,13 @@ class GaussianRampUp(nn.Module):
     def value(self) -> float:
         """Current weight :math:`\\lambda_{CL}(t)`."""
         if self.shape == "constant":
-            return self.max_weight if int(self.step_count) >= self.warmup_steps else 0.0
-        return DF.gaussian_rampup(int(self.step_count), self.total_steps, self.max_weight, self.warmup_steps)
+            return self.max_weight if self._step >= self.warmup_steps else 0.0
+        return DF.gaussian_rampup(self._step, self.total_steps, self.max_weight, self.warmup_steps)
 
     def step(self) -> None:
         """Advance the schedule by one optimisation step."""
         self.step_count += 1
+        self._step += 1
 
     def forward(self) -> float:
         return self.value

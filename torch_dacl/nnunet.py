@@ -23,11 +23,13 @@ augmentation, deep supervision, the poly learning rate, folds, inference, stays 
   iterations (:class:`~torch_dacl.GaussianRampUp`, warm-up 1/30 of the run as in the paper);
 * the head's parameters in nnU-Net's optimizer (its own learning rate schedule);
 * the memory bank, the loss's random stream, the schedule and the head in nnU-Net's
-  checkpoints, so ``nnUNetv2_train ... --c`` resumes exactly;
+  checkpoints, so ``nnUNetv2_train ... --c`` continues with them as they were (nnU-Net's own
+  data loading restarts its random streams on a resume, as it does for its own trainer);
 * the DACL loss, :math:`\lambda_{CL}`, the anchors and the bank fill per epoch in nnU-Net's
   log (``training_log_*.txt``).
 
-It is fully supervised (the DACL term on labelled patches): nnU-Net's data loading serves
+One process only (``nnUNetv2_train`` without several GPUs), and never compiled (its hook stays
+on the plain module). It is fully supervised (the DACL term on labelled patches): nnU-Net's data loading serves
 labelled cases only (preprocessing and the loader need a segmentation for every case; see
 docs: DACL in nnU-Net for what a semi-supervised variant would need). Change the settings by
 subclassing (the class attributes below), in a module of your own in ``nnUNet_extTrainer``.
@@ -48,6 +50,7 @@ try:
 except ImportError as e:  # pragma: no cover - the optional extra
     raise ImportError("torch_dacl.nnunet needs nnU-Net v2 (>= 2.8): pip install 'torch-dacl[nnunet]'") from e
 
+from .checkpoint import save_atomic
 from .cotraining import ProjectionHead
 from .loss import SoftDensityContrastiveLoss
 from .modules import GaussianRampUp
@@ -100,6 +103,8 @@ class nnUNetTrainerDACL(nnUNetTrainer):
         head, its hook, the loss and the schedule are built here (after the network)."""
         if self.label_manager.has_regions:
             raise ValueError("nnUNetTrainerDACL: region-based training has no class per voxel for DACL's labels")
+        if self.is_ddp:  # the head sits outside nnU-Net's DDP wrapper, the bank would be per rank
+            raise ValueError("nnUNetTrainerDACL: one process only for now (nnUNetv2_train without -num_gpus > 1)")
         stage = _bare(self.network).decoder.stages[-1]
         channels = int(getattr(stage, "output_channels", 0)) or self._probe_channels(stage)
         spatial_dims = len(self.configuration_manager.patch_size)
@@ -119,6 +124,11 @@ class nnUNetTrainerDACL(nnUNetTrainer):
                                f"{self.dacl_ramp.warmup_steps} of {self.dacl_ramp.total_steps} iterations), "
                                f"{self.dacl_loss}")
         return optimizer, lr_scheduler
+
+    def _do_i_compile(self) -> bool:
+        """Never ``torch.compile`` (nnU-Net compiles on CUDA by default): the forward hook that
+        hands the decoder features to DACL stays on the plain module."""
+        return False
 
     def _probe_channels(self, stage) -> int:
         out = {}
@@ -189,9 +199,7 @@ class nnUNetTrainerDACL(nnUNetTrainer):
         if self.local_rank == 0 and not self.disable_checkpointing and self.dacl_head is not None:
             checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
             checkpoint["dacl"] = self._dacl_state()
-            tmp = f"{filename}.tmp"
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
+            save_atomic(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's ``load_checkpoint`` (``--c``, ``--val``), then the DACL state saved beside."""
@@ -203,7 +211,7 @@ class nnUNetTrainerDACL(nnUNetTrainer):
                 torch.save(filename_or_checkpoint, path)
                 return self.load_checkpoint(path)
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
         if "dacl" in checkpoint:
             self.dacl_head.load_state_dict(checkpoint["dacl"]["head"])
             self.dacl_loss.load_state_dict(checkpoint["dacl"]["loss"])

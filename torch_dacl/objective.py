@@ -22,10 +22,10 @@ from torch import nn
 
 from . import functional as DF
 from ._validation import check_int, look_up_option
-from .cotraining import ProjectionHead
+from .cotraining import ProjectionHead, made_by
 from .loss import SoftDensityContrastiveLoss, paired_losses
 from .modules import GaussianRampUp
-from .options import PSEUDO_POLICIES
+from .options import PSEUDO_POLICIES, RAMP_SHAPES
 
 __all__ = ["DACLObjective", "DACLObjectiveOutput", "gradient_share"]
 
@@ -203,6 +203,7 @@ class DACLObjective(nn.Module):
                                  "got None")
             dim = heads[0].out_channels
         look_up_option("pseudo_policy", pseudo_policy, PSEUDO_POLICIES)
+        look_up_option("ramp_shape", ramp_shape, RAMP_SHAPES)
         if loss_options.get("reduction") == "none":
             raise ValueError("reduction: expected 'mean' or 'sum' in DACLObjective (its terms are scalars), got 'none'")
         if not 0.0 <= pseudo_confidence <= 1.0:
@@ -255,8 +256,9 @@ class DACLObjective(nn.Module):
             >>> objective.loss_a.dim, objective.sparse_heads
             (16, True)
         """
-        return cls(num_classes, None, total_steps, heads=wrapper.heads,
-                   sparse_heads=getattr(wrapper, "sparse_heads", False), **options)
+        options.setdefault("sparse_heads", getattr(wrapper, "sparse_heads", False))
+        options.setdefault("heads", wrapper.heads)
+        return cls(num_classes, options.pop("dim", None), total_steps, **options)
 
     def extra_repr(self) -> str:
         return (f"lambda_cross={self.lambda_cross}, contrastive={self.contrastive}, "
@@ -338,6 +340,10 @@ class DACLObjective(nn.Module):
         head_a = head_b = None
         if self.sparse_heads:
             head_a, head_b = self._heads
+            if made_by(ea, head_a) or made_by(eb, head_b):
+                raise ValueError("embeddings_a, embeddings_b: these are the heads' dense output, and the objective runs "
+                                 "the heads itself (sparse_heads): pass the feature maps the heads read "
+                                 "(CoTrainingWrapper(sparse_heads=True)), or build the objective with sparse_heads=False")
             if ea.dim() >= 2 and ea.shape[1] != head_a.in_channels:
                 raise ValueError(f"embeddings_a: with sparse heads, expected the feature map the head reads, "
                                  f"{head_a.in_channels} channels (N, {head_a.in_channels}, *S), got shape "
@@ -345,10 +351,10 @@ class DACLObjective(nn.Module):
                                  f"build the objective with sparse_heads=False for dense embeddings")
             if self.loss_a.anchor_mode == "class":  # class anchors: gradient through every pixel's prototype
                 ea, eb, head_a, head_b = head_a(ea), head_b(eb), None, None
-        if ya.shape[1:] != ea.shape[2:]:  # a feature layer at another resolution: labels follow it (nearest)
-            ya, yb = (F.interpolate(y.unsqueeze(1).float(), size=ea.shape[2:], mode="nearest").squeeze(1).long()
-                      for y in (ya, yb))
         s = self.pixel_stride
+        if s > 1 and ya.shape[1:] != ea.shape[2:]:  # the grid needs the labels at the features' resolution
+            ya, yb = (F.interpolate(y.unsqueeze(1).float(), size=ea.shape[2:], mode="nearest").squeeze(1).long()
+                      for y in (ya, yb))  # (without a grid the loss resizes them itself)
         if s > 1:  # a regular grid with a random offset (drawn on the CPU: no device sync)
             off = [int(v) for v in torch.randint(s, (ea.dim() - 2,))]
             grid = (Ellipsis,) + tuple(slice(o, None, s) for o in off)

@@ -131,8 +131,11 @@ def gather_points(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     view such as a pixel grid), so only the indexed vectors are copied; the gradient flows
     back to those pixels alone.
     """
-    coords = torch.unravel_index(index, (x.shape[0],) + tuple(x.shape[2:]))
-    return x.movedim(1, -1)[coords]
+    coords, rest = [], index
+    for size in reversed(tuple(x.shape[2:])):  # the spatial dims, last first (2 or 3 of them)
+        coords.append(rest % size)
+        rest = rest // size
+    return x.movedim(1, -1)[(rest, *reversed(coords))]
 
 
 def sampled_prototypes(features: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, masks: torch.Tensor,
@@ -144,7 +147,10 @@ def sampled_prototypes(features: torch.Tensor, valid: torch.Tensor, image: torch
     of image :math:`i` whose mask :math:`T_n` is set. Args: ``features (M, D)`` of the sampled
     pixels (rows where ``valid (M,)`` is False take no part), ``image (M,)`` their image
     index, ``masks (M, C)`` bool :math:`T_n` at each pixel. Vectorised (one ``index_add``).
-    A class no sampled pixel of an image carries gives that image no prototype.
+    A class no sampled pixel of an image carries gives that image no prototype. With the labels'
+    one-hot masks (the loss's default) the sample is uniform within each class, so each
+    prototype is an unbiased estimate of Eq. 2's; with soft maps ``probs`` it is not (the
+    pixels are sampled per label class, at different rates).
     """
     m, d = features.shape
     c = masks.shape[1]
@@ -318,8 +324,7 @@ class PixelSampler(nn.Module):
                 if pool.numel():
                     masks = gather_points(pool, idx).reshape(c * s, -1) > threshold
                 else:  # one-hot: a sampled pixel of group c has T_c set
-                    masks = (torch.arange(c, device=idx.device).view(c, 1, 1)
-                             == torch.arange(c, device=idx.device).view(1, 1, c)).expand(c, s, c).reshape(c * s, c)
+                    masks = torch.eye(c, dtype=torch.bool, device=idx.device).repeat_interleave(s, 0)
                 prototypes, prototypes_valid = sampled_prototypes(
                     feats.detach().reshape(c * s, -1), valid.reshape(-1), (idx // p).reshape(-1), masks, n)
         if self.distributed:
