@@ -83,3 +83,18 @@ def test_nnunet_chaos_collects_nnunets_own_validation(tmp_path):
     assert base["val_dice"] == pytest.approx(60.0) and base["seconds_per_epoch"] == 110.0 and base["epochs_done"] == 3
     assert dacl["per_class_dice"]["spleen"] == pytest.approx(65.0) and dacl["dacl_loss_first_last"] == [3.5, 2.5]
     assert "| nnUNetTrainerDACL_5epochs | 3 | 140 | 65.00 |" in (tmp_path / "out" / "nnunet_chaos.md").read_text()
+
+
+def test_sparse_validation_compares_with_the_committed_dense_runs(tmp_path):
+    import sparse_validation
+
+    folder = tmp_path / "runs" / "acdc_cpu_dacl_p7_seed0"
+    folder.mkdir(parents=True)
+    (folder / "val_history.json").write_text(json.dumps({"history": [{"step": 500, "mean_dice": 0.6},
+                                                                     {"step": 1000, "mean_dice": 0.81}]}))
+    (folder / "config.json").write_text(json.dumps({"commit": "fe2423e"}))
+    table = sparse_validation.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "sv")])
+    acdc, chaos = table["rows"]
+    assert acdc["new_default_best_val_dice"] == pytest.approx(81.0) and acdc["new_at_step"] == 1000
+    assert acdc["old_default_best_val_dice"] == pytest.approx(81.39, abs=0.01) and acdc["within_1_point"] is True
+    assert chaos["new_default_best_val_dice"] is None and "| – |" in (tmp_path / "sv.md").read_text()
