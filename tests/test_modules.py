@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import torch_dacl.functional as DF
-from torch_dacl import (ClassMemoryBank, CoTrainingFeatures, CoTrainingOutput, CoTrainingWrapper, GaussianRampUp, MaskedAveragePool, MultiScaleDensity,
-                        SoftDensityContrastiveLoss)
+from torch_dacl import (ClassMemoryBank, CoTrainingFeatures, CoTrainingOutput, CoTrainingWrapper, GaussianRampUp,
+                        MaskedAveragePool, MultiScaleDensity, ProjectionHead, SoftDensityContrastiveLoss)
 from torch_dacl.ablation import table2_options
 
 
@@ -312,3 +312,48 @@ def test_cotraining_wrapper_with_smp_unet():
     w.sparse_heads = True
     out = w(torch.randn(2, 1, 32, 32))
     assert out.features_b.shape == (2, 8, 32, 32) and out.logits_a.shape == (2, 4, 32, 32)
+
+
+def test_scale_gradient_identity_and_scales():
+    from torch_dacl import scale_gradient
+
+    x = torch.ones(3, requires_grad=True)
+    assert scale_gradient(x, 1.0) is x  # no node in the graph at scale 1
+    for s in (0.5, 2.0, 0.0):
+        x.grad = None
+        y = scale_gradient(x, s)
+        assert torch.equal(y, x) and y is not x
+        (3 * y).sum().backward()
+        assert x.grad.tolist() == [3 * s] * 3
+
+
+def test_wrapper_and_head_defaults_and_tuple_outputs():
+    class TupleOut(nn.Module):  # a feature layer whose output is a tuple: its last element is f
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 6, 3, padding=1)
+
+        def forward(self, x):
+            f = self.conv(x)
+            return (f * 0, f)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feat, self.out = TupleOut(), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.feat(x)[1]))
+
+    w = CoTrainingWrapper(Net(), Net(), feature_layer="feat", feature_channels=6, sparse_heads=False)
+    assert w.head_a.out_channels == 64 and w.head_a.net[0].weight.dim() == 4  # D = 64, 2D heads by default
+    out = w(torch.randn(2, 1, 8, 8))
+    ref = w.head_a(w.model_a.feat(torch.randn(2, 1, 8, 8))[1])
+    assert out.embeddings_a.shape == ref.shape == (2, 64, 8, 8)
+    w.sparse_heads = True
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(w(x).features_a, w.model_a.feat(x)[1])  # the last element, not the first
+    with pytest.raises(ValueError, match="in_channels"):
+        ProjectionHead(3, 4)(torch.randn(5))
+    with pytest.raises(ValueError, match="in_channels"):
+        ProjectionHead(3, 4).embed_points(torch.randn(5, 2))
