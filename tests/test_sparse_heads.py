@@ -256,3 +256,16 @@ def test_embed_points_normalises_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = head.embed_points(x.bfloat16())
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_embed_points_cumulative_running_statistics_as_batchnorm():
+    """``momentum=None`` (a cumulative average) updates the running statistics as BatchNorm does."""
+    head = ProjectionHead(3, 4)
+    head.net[1].momentum = None
+    ref = copy.deepcopy(head)
+    for seed in range(3):
+        x = torch.randn(20, 3, generator=torch.Generator().manual_seed(seed))
+        head.embed_points(x)
+        ref(x.view(20, 3, 1, 1))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(head.net[1], name), getattr(ref.net[1], name))

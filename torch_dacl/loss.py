@@ -453,16 +453,14 @@ class SoftDensityContrastiveLoss(nn.Module):
 
 def _densities(losses, batches, memories):
     """``[(density, prototype density)]`` of each loss's sample against its memory (Eq. 3-5), in
-    one grouped call when their shapes agree: the groups of every loss side by side (``len *
-    C`` groups, one batched matmul and one top-k), which gives each group what its own call
-    gives."""
-    def grouped(feats, valids, banks, bank_valids):
+    one grouped call: the groups of every loss side by side (``len * C`` groups, one batched
+    matmul and one top-k), which gives each group what its own call gives. The losses share
+    one :meth:`SoftDensityContrastiveLoss._signature`, so their shapes agree."""
+    def grouped(feats, valids, banks, bank_valids):  # (losses of one signature: their shapes agree)
         ks, precision = losses[0].density.ks, losses[0].density.precision
-        same = all(f.shape == feats[0].shape for f in feats) and \
-            all((b is None) == (banks[0] is None) and (b is None or b.shape == banks[0].shape) for b in banks)
-        if len(feats) == 1 or not same:
-            return [DF.knn_density_grouped(f, v, ks, b, bv, precision=precision, validate_args=False)
-                    for f, v, b, bv in zip(feats, valids, banks, bank_valids)]
+        if len(feats) == 1:
+            return [DF.knn_density_grouped(feats[0], valids[0], ks, banks[0], bank_valids[0], precision=precision,
+                                           validate_args=False)]
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
         out = DF.knn_density_grouped(cat(feats), cat(valids), ks, cat(banks), cat(bank_valids), precision=precision,
                                      validate_args=False)
@@ -501,20 +499,15 @@ def paired_losses(loss_a: SoftDensityContrastiveLoss, loss_b: SoftDensityContras
     dens = _densities(losses, batches, memories)
     mined = [loss.miner(b, d, pd, m, generator=g)
              for loss, b, (d, pd), m, (_, g) in zip(losses, batches, dens, memories, sampled)]
-    if all(x.anchors.shape == mined[0].anchors.shape and x.negatives.shape == mined[0].negatives.shape
-           for x in mined):
-        term = loss_a.term
-        cat = lambda name: torch.cat([getattr(x, name) for x in mined])  # noqa: E731
-        terms, contributing = DF.soft_density_contrastive_loss_grouped(
-            cat("anchors"), cat("anchor_valid"), cat("centers"), cat("negatives"), cat("negative_valid"),
-            temperature=term.temperature, weighting=term.weighting, gamma=term.gamma,
-            include_positive=term.include_positive, centers_valid=cat("centers_valid"), validate_args=False)
-        c = loss_a.num_classes
-        results = [(DF.reduce_terms(terms[i * c:(i + 1) * c], contributing[i * c:(i + 1) * c], term.reduction),
-                    contributing[i * c:(i + 1) * c]) for i in range(2)]
-    else:
-        results = [loss.term(x.anchors, x.anchor_valid, x.centers, x.negatives, x.negative_valid, x.centers_valid)
-                   for loss, x in zip(losses, mined)]
+    term = loss_a.term  # one signature: the same options and shapes for both
+    cat = lambda name: torch.cat([getattr(x, name) for x in mined])  # noqa: E731
+    terms, contributing = DF.soft_density_contrastive_loss_grouped(
+        cat("anchors"), cat("anchor_valid"), cat("centers"), cat("negatives"), cat("negative_valid"),
+        temperature=term.temperature, weighting=term.weighting, gamma=term.gamma,
+        include_positive=term.include_positive, centers_valid=cat("centers_valid"), validate_args=False)
+    c = loss_a.num_classes
+    results = [(DF.reduce_terms(terms[i * c:(i + 1) * c], contributing[i * c:(i + 1) * c], term.reduction),
+                contributing[i * c:(i + 1) * c]) for i in range(2)]
     out = []
     for loss, b, (d, pd), x, (_, g), (value, contrib) in zip(losses, batches, dens, mined, sampled, results):
         loss.bank_policy.update(loss.bank, b, d, pd, loss.training, generator=g)
