@@ -91,6 +91,8 @@ class Task:
     paper_labeled: Tuple[int, ...] = ()  # --labeled on the built-in dataset: the paper's counts ...
     labeled_default: Optional[int] = None  # ... and the default one
     summary_keys: Tuple[str, ...] = ()  # the task's settings shown in the start-up summary
+    # DDP's find_unused_parameters; must stay False with DACL's sparse heads: they run in the
+    # objective, outside DDP's forward, and DDP would count them unused, then ready twice
     find_unused_parameters = False
     reseed_after_model = True   # False: the training RNG continues from the model's initialisation
     data_error: Tuple[type, ...] = (NnUNetDataError,)  # data errors the command line reports in one line
@@ -446,6 +448,9 @@ class Run:
         self.load_seconds = time.time() - t0
         if task.reseed_after_model or _dist.is_dist():  # data and DACL sampling: per rank
             seed_all(_dist.rank_seed(cfg["seed"]), int(task.reseed_after_model))
+        if _dist.is_dist() and task.find_unused_parameters and cfg["method"] == "dacl" and not cfg["dense_heads"]:
+            raise SystemExit("error: DDP with find_unused_parameters=True cannot train the sparse projection heads "
+                             "(they run outside DDP's forward); freeze the unused parameters or pass --dense-heads")
         self.net = _dist.wrap_ddp(self.wrapper if cfg["method"] == "dacl" else LogitsPair(self.wrapper), self.device,
                                   find_unused_parameters=task.find_unused_parameters)
         self.objective = build_objective(cfg, self.wrapper).to(self.device)

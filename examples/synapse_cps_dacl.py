@@ -234,6 +234,11 @@ def build_unet(cfg: dict, num_classes: int, spacing) -> nn.Module:
         deep_supervision=False,
     )
     net.apply(PlainConvUNet.initialize)
+    # Without deep supervision only the last segmentation layer is used: the others are frozen
+    # (they never get a gradient, so nothing changes), which lets DDP run with
+    # find_unused_parameters=False -- required by the sparse heads, which run outside its forward.
+    for layer in net.decoder.seg_layers[:-1]:
+        layer.requires_grad_(False)
     return net
 
 
@@ -283,7 +288,7 @@ class Synapse(engine.Task):
     paper_labeled, labeled_default = (2, 4), 4
     summary_keys = ("patch", "features")
     defaults = dict(pseudo_confidence=0.9, eval_model="ensemble", nesterov=True)
-    find_unused_parameters = True  # without deep supervision the lower decoder stages' seg layers are unused
+    find_unused_parameters = False  # the unused segmentation layers are frozen (build_unet)
     reseed_after_model = False     # one process: the training RNG continues from the initialisation
 
     def add_arguments(self, g) -> None:
