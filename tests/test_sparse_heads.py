@@ -269,3 +269,73 @@ def test_embed_points_cumulative_running_statistics_as_batchnorm():
         ref(x.view(20, 3, 1, 1))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         torch.testing.assert_close(getattr(head.net[1], name), getattr(ref.net[1], name))
+
+
+def test_embed_points_runs_in_the_heads_own_half_precision():
+    """A bfloat16 head (a bfloat16 model's, which the heads follow) maps points in bfloat16,
+    close to its dense forward at those points."""
+    torch.manual_seed(0)
+    head = ProjectionHead(4, 8).bfloat16().eval()
+    x = torch.randn(6, 4, 5, 5).bfloat16()
+    pts = x.movedim(1, -1).reshape(-1, 4)
+    out = head.embed_points(pts)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), head(x).movedim(1, -1).reshape(-1, 8).float(), rtol=0.05, atol=0.05)
+
+
+def test_ramp_and_objective_pickle_and_restore_the_host_step():
+    """torch.save of the whole module (not only its state dict) works, and loading a state dict
+    restores the host copy of the step that the schedule reads."""
+    import io
+
+    from torch_dacl import GaussianRampUp
+
+    ramp = GaussianRampUp(10, max_weight=1.0, warmup_steps=0)
+    for _ in range(4):
+        ramp.step()
+    buf = io.BytesIO()
+    torch.save(ramp, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert again.value == ramp.value > 0
+    fresh = GaussianRampUp(10, max_weight=1.0, warmup_steps=0)
+    fresh.load_state_dict(ramp.state_dict())
+    assert fresh.value == ramp.value
+    obj = DACLObjective(num_classes=3, dim=8, total_steps=10, **SMALL)
+    torch.save(obj, io.BytesIO())
+
+
+def test_paired_losses_with_different_bank_sources_run_apart():
+    """Two losses that differ in what their banks store do not share one grouped call: the pair
+    gives what two separate calls give."""
+    from torch_dacl.loss import paired_losses
+
+    emb = [torch.randn(2, 8, 6, 6) for _ in range(2)]
+    ys = [_labels((2, 6, 6), 3, s) for s in (0, 1)]
+    for sources in (("prototype", "pixel"), ("pixel", "prototype")):
+        la, lb = (SoftDensityContrastiveLoss(3, 8, **SMALL, seed=3, bank_source=s) for s in sources)
+        ra, rb = copy.deepcopy(la), copy.deepcopy(lb)
+        da, db = paired_losses(la, lb, emb[0], ys[0], emb[1], ys[1])
+        torch.testing.assert_close(da.loss, ra(emb[0], ys[0]))
+        torch.testing.assert_close(db.loss, rb(emb[1], ys[1]))
+
+
+def test_made_by_sees_the_head_through_autocast_and_casts():
+    from torch_dacl.cotraining import made_by
+
+    head = ProjectionHead(4, 8)
+    x = torch.randn(2, 4, 3, 3)
+    assert made_by(head(x), head) and not made_by(head.net[:3](x), head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head(x)
+    assert made_by(low, head) and made_by(low.float(), head)
+    assert not made_by(x, head)
+
+
+def test_objective_checks_both_feature_maps_channels():
+    net = lambda: nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1))  # noqa: E731
+    w = CoTrainingWrapper(net(), net(), feature_layer="1", feature_channels=6, embed_dim=8)
+    obj = DACLObjective.from_wrapper(w, num_classes=3, total_steps=10, warmup=0, **SMALL)
+    la, lb, fa, fb = w(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="embeddings_b: .*6 channels"):
+        obj(la, lb, fa, fb[:, :5], labels=torch.randint(0, 3, (2, 8, 8)), labeled=torch.tensor([True, False]))

@@ -87,10 +87,10 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu", re
 
         import numpy as np
 
-        torch.set_rng_state(state["_rng"]["torch"])
+        torch.set_rng_state(state["_rng"]["torch"].cpu())  # (map_location may have moved it)
         if "python" in state["_rng"]:
             random.setstate(state["_rng"]["python"])
             np.random.set_state(state["_rng"]["numpy"])
         if "cuda" in state["_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["_rng"]["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["_rng"]["cuda"]])
     return {k: v["value"] for k, v in state.items() if not k.startswith("_") and "value" in v}

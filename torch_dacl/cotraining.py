@@ -173,7 +173,8 @@ class ProjectionHead(nn.Module):
         h = (h - mean) * torch.rsqrt(var + bn.eps)
         if bn.affine:
             h = h * bn.weight + bn.bias
-        return F.linear(F.relu(h), conv2.weight.flatten(1), conv2.bias)
+        # back to the head's dtype (a bfloat16 / float16 model; under autocast F.linear casts anyway)
+        return F.linear(F.relu(h).to(conv2.weight.dtype), conv2.weight.flatten(1), conv2.bias)
 
 
 def _update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
@@ -444,7 +445,16 @@ def made_by(x: torch.Tensor, head: "ProjectionHead") -> bool:
     operation that made it): one look at the autograd graph, no computation."""
     fn = getattr(x, "grad_fn", None)
     weight = head.net[3].weight
-    return fn is not None and any(getattr(nf, "variable", None) is weight for nf, _ in fn.next_functions if nf)
+    if fn is not None and type(fn).__name__.startswith("ToCopy"):  # x cast after the head (e.g. .float())
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    if fn is None:
+        return False
+    for nf, _ in fn.next_functions:
+        if nf is not None and type(nf).__name__.startswith("ToCopy") and nf.next_functions:
+            nf = nf.next_functions[0][0]  # the weight cast by autocast
+        if nf is not None and getattr(nf, "variable", None) is weight:
+            return True
+    return False
 
 
 def _follow(head: nn.Module, model: nn.Module) -> nn.Module:

@@ -440,7 +440,8 @@ class SoftDensityContrastiveLoss(nn.Module):
     def _signature(self) -> tuple:
         """What must agree for two losses to run as one grouped call (:func:`paired_losses`)."""
         return (self.num_classes, self.dim, self.bank.size, self.sampler.max_per_class, repr(self.density),
-                repr(self.miner), repr(self.term), self.term.weighting, self.bank_policy.enabled)
+                repr(self.miner), repr(self.term), self.term.weighting, self.bank_policy.enabled,
+                self.bank_policy.source, self.bank.features.device)
 
     def _details(self, loss, sample_valid, density, mined, contributing) -> DACLDetails:
         with torch.no_grad():

@@ -162,7 +162,10 @@ class GaussianRampUp(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         # the step on the host too: reading the schedule never waits for the device
         self._step = 0
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_step", int(module.step_count)))
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # (a method, not a hook: the module pickles)
+        super()._load_from_state_dict(*args, **kwargs)
+        self._step = int(self.step_count)
 
     def extra_repr(self) -> str:
         return (f"total_steps={self.total_steps}, max_weight={self.max_weight}, warmup_steps={self.warmup_steps}"

@@ -194,12 +194,18 @@ class nnUNetTrainerDACL(nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint with the head, the memory bank, the loss's random stream and the
-        schedule under ``"dacl"`` (its network weights alone predict, as nnU-Net's do)."""
-        super().save_checkpoint(filename)
-        if self.local_rank == 0 and not self.disable_checkpointing and self.dacl_head is not None:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        schedule under ``"dacl"`` (its network weights alone predict, as nnU-Net's do). nnU-Net
+        writes its part to a temporary file; ``filename`` is replaced once, atomically, with both
+        (a run stopped in between keeps the previous checkpoint whole)."""
+        if self.dacl_head is None:
+            return super().save_checkpoint(filename)
+        tmp = f"{filename}.nnunet.tmp"
+        super().save_checkpoint(tmp)
+        if self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(tmp, map_location="cpu", weights_only=False)
             checkpoint["dacl"] = self._dacl_state()
             save_atomic(checkpoint, filename)
+            os.remove(tmp)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's ``load_checkpoint`` (``--c``, ``--val``), then the DACL state saved beside."""
@@ -216,6 +222,11 @@ class nnUNetTrainerDACL(nnUNetTrainer):
             self.dacl_head.load_state_dict(checkpoint["dacl"]["head"])
             self.dacl_loss.load_state_dict(checkpoint["dacl"]["loss"])
             self.dacl_ramp.load_state_dict(checkpoint["dacl"]["ramp"])
+        else:
+            import warnings
+
+            warnings.warn(f"{filename_or_checkpoint}: no DACL state in this checkpoint (one of nnU-Net's own "
+                          "trainers?); the projection head, memory bank and lambda_CL schedule start afresh")
 
 
 class nnUNetTrainerDACL_5epochs(nnUNetTrainerDACL):

@@ -344,11 +344,12 @@ class DACLObjective(nn.Module):
                 raise ValueError("embeddings_a, embeddings_b: these are the heads' dense output, and the objective runs "
                                  "the heads itself (sparse_heads): pass the feature maps the heads read "
                                  "(CoTrainingWrapper(sparse_heads=True)), or build the objective with sparse_heads=False")
-            if ea.dim() >= 2 and ea.shape[1] != head_a.in_channels:
-                raise ValueError(f"embeddings_a: with sparse heads, expected the feature map the head reads, "
-                                 f"{head_a.in_channels} channels (N, {head_a.in_channels}, *S), got shape "
-                                 f"{tuple(ea.shape)}; pass CoTrainingWrapper(sparse_heads=True)'s features, or "
-                                 f"build the objective with sparse_heads=False for dense embeddings")
+            for name, e, head in (("embeddings_a", ea, head_a), ("embeddings_b", eb, head_b)):
+                if e.dim() >= 2 and e.shape[1] != head.in_channels:
+                    raise ValueError(f"{name}: with sparse heads, expected the feature map the head reads, "
+                                     f"{head.in_channels} channels (N, {head.in_channels}, *S), got shape "
+                                     f"{tuple(e.shape)}; pass CoTrainingWrapper(sparse_heads=True)'s features, or "
+                                     f"build the objective with sparse_heads=False for dense embeddings")
             if self.loss_a.anchor_mode == "class":  # class anchors: gradient through every pixel's prototype
                 ea, eb, head_a, head_b = head_a(ea), head_b(eb), None, None
         s = self.pixel_stride
