@@ -98,3 +98,21 @@ def test_sparse_validation_compares_with_the_committed_dense_runs(tmp_path):
     assert acdc["new_default_best_val_dice"] == pytest.approx(81.0) and acdc["new_at_step"] == 1000
     assert acdc["old_default_best_val_dice"] == pytest.approx(81.39, abs=0.01) and acdc["within_1_point"] is True
     assert chaos["new_default_best_val_dice"] is None and "| – |" in (tmp_path / "sv.md").read_text()
+
+
+def test_sparse_validation_pairs_further_seeds_by_seed(tmp_path):
+    import sparse_validation
+
+    for seed, best in ((0, 0.80), (1, 0.805)):
+        folder = tmp_path / "runs" / f"acdc_cpu_dacl_p7_seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "val_history.json").write_text(json.dumps({"history": [{"step": 500, "mean_dice": best}]}))
+        (folder / "config.json").write_text("{}")
+    table = sparse_validation.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "sv")])
+    acdc = [r for r in table["rows"] if r["what"].startswith("ACDC")]
+    assert [r["seed"] for r in acdc] == [0, 1, "mean of 2"]  # no seed-2 run: not listed
+    old0, old1 = acdc[0]["old_default_best_val_dice"], acdc[1]["old_default_best_val_dice"]
+    assert acdc[1]["difference"] == pytest.approx(80.5 - old1)
+    assert acdc[2]["difference"] == pytest.approx((80.0 - old0 + 80.5 - old1) / 2)
+    assert acdc[2]["within_1_point"] == (abs(acdc[2]["difference"]) <= 1.0)
+    assert len([r for r in table["rows"] if r["what"].startswith("CHAOS")]) == 1  # seed 0 only, no run
