@@ -199,7 +199,12 @@ def floor_rows(emb_shape, cases=((4, 512), (4, 1024), (14, 512)), repeats: int =
         keys_t = F.normalize(torch.randn(c, width, d, generator=g), dim=-1).transpose(1, 2)
         chunk = max(1, min(s, _CPU_CHUNK_ELEMENTS // (c * width)))
         sims = [torch.bmm(q[:, i:i + chunk], keys_t) for i in range(0, s, chunk)]
-        fns = (lambda: loss(emb, labels).backward(),
+
+        def loss_step():  # as after an optimizer's zero_grad(set_to_none=True)
+            emb.grad = None
+            loss(emb, labels).backward()
+
+        fns = (loss_step,
                lambda: [torch.bmm(q[:, i:i + chunk], keys_t) for i in range(0, s, chunk)],
                lambda: [x.topk(k, dim=-1) for x in sims])
         times = [[], [], []]

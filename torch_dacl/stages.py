@@ -129,13 +129,20 @@ def gather_points(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
     Indexes the tensor in place (any memory layout: contiguous, channels-last, or a strided
     view such as a pixel grid), so only the indexed vectors are copied; the gradient flows
-    back to those pixels alone.
+    back to those pixels alone. The indexing follows the layout: autograd builds the dense
+    gradient contiguous in the indexed tensor's shape, so a channels-last ``x`` is indexed as
+    ``(N, *S, D)`` and any other as ``(N, D, *S)``, and the gradient comes back in ``x``'s own
+    layout (the other way it costs a strided copy of the whole map, several times the gather).
     """
     coords, rest = [], index
     for size in reversed(tuple(x.shape[2:])):  # the spatial dims, last first (2 or 3 of them)
         coords.append(rest % size)
         rest = rest // size
-    return x.movedim(1, -1)[(rest, *reversed(coords))]
+    coords.reverse()
+    last = x.movedim(1, -1)
+    if last.is_contiguous():  # channels-last memory
+        return last[(rest, *coords)]
+    return x[(rest, slice(None), *coords)]  # (..., D): the advanced indices are split by the slice
 
 
 def sampled_prototypes(features: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, masks: torch.Tensor,
