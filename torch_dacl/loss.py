@@ -168,7 +168,7 @@ class SoftDensityContrastiveLoss(nn.Module):
             :math:`N_q + N_p^+/2` at the paper's defaults, so that a class can give every anchor
             and batch positive; the paper does not say how pixels are subsampled). The kNN
             density of the sample is the loss's floor and grows with it: 1024 made the loss
-            2.4x as slow for the same anchors (docs: Design decisions).
+            1.5x as slow for the same anchors at 4 classes (docs: Design decisions).
         threshold: :math:`\phi` of Eq. 2 when ``probs`` are passed.
         ignore_index: label value that takes no part (None: every label must be a class).
         reduction: ``"mean"`` over contributing anchors (default), ``"sum"`` (Eq. 10) or
