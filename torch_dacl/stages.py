@@ -159,7 +159,8 @@ def sampled_prototypes(features: torch.Tensor, valid: torch.Tensor, image: torch
     prototype is an unbiased estimate of Eq. 2's; with soft maps ``probs`` it is not (the
     pixels are sampled per label class, at different rates).
     """
-    features = features.float()  # sums in float32, as masked_average_pool's (e.g. under autocast)
+    if features.dtype in (torch.float16, torch.bfloat16):  # sums in float32, as masked_average_pool's
+        features = features.float()
     m, d = features.shape
     c = masks.shape[1]
     w = (masks & valid.unsqueeze(1)).to(features.dtype)  # (M, C)
