@@ -270,14 +270,17 @@ def test_group_by_label_layout():
     assert idx[0, :2].tolist() == [1, 4] and idx[2].tolist() == [0, 2, 5]
 
 
-def test_sample_pixels_per_class_is_uniform_without_replacement():
-    labels = torch.tensor([0] * 10 + [1] * 3)
+@pytest.mark.parametrize("num_classes", [2, 127, 128, 300])  # int32 keys below 128 classes, int64 above
+def test_sample_pixels_per_class_is_uniform_without_replacement(num_classes):
+    top = num_classes - 1  # the last class: the largest packed key
+    labels = torch.tensor([top] * 10 + [0] * 3 + [num_classes] * 2)  # the last two: out of range, left out
     seen = torch.zeros(10)
     for seed in range(200):
-        idx, mask = DF.sample_pixels_per_class(labels, 2, 4, generator=torch.Generator().manual_seed(seed))
-        assert mask[0].all() and mask[1].tolist() == [True, True, True, False]
-        assert len(set(idx[0].tolist())) == 4 and set(idx[1, :3].tolist()) == {10, 11, 12}
-        seen[idx[0]] += 1
+        idx, mask = DF.sample_pixels_per_class(labels, num_classes, 4, generator=torch.Generator().manual_seed(seed))
+        assert mask[top].all() and mask[0].tolist() == [True, True, True, False] and mask.sum() == 7
+        assert len(set(idx[top].tolist())) == 4 and set(idx[top].tolist()) <= set(range(10))
+        assert set(idx[0, :3].tolist()) == {10, 11, 12}
+        seen[idx[top]] += 1
     # each of the 10 pixels is drawn with probability 0.4: 80 of 200 on average
     assert seen.min() > 50 and seen.max() < 110
 

@@ -4,6 +4,7 @@ and the loss's random stream (seeded once, saved in its state_dict)."""
 import ast
 import inspect
 import io
+import itertools
 import textwrap
 
 import pytest
@@ -63,6 +64,21 @@ def test_one_hot_maps_leave_ignored_pixels_empty():
     assert maps.sum(1).tolist() == [[[1.0, 1.0], [0.0, 1.0]]]
     assert one_hot_maps(torch.tensor([[[0, 2], [-100, 1]]]), 3, ignore_index=2).sum(1).tolist() == [[[1.0, 0.0],
                                                                                                   [0.0, 1.0]]]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 2, 3, 4)])
+@pytest.mark.parametrize("ignore_index", [None, 1, -100])
+def test_one_hot_maps_match_a_pixel_loop(shape, ignore_index):
+    labels = torch.randint(-1, 5, shape, generator=gen(3))  # -1 and 4 lie outside [0, 4)
+    labels[0].view(-1)[0] = -100
+    maps = one_hot_maps(labels, 4, ignore_index=ignore_index)
+    want = torch.zeros((shape[0], 4) + shape[1:])
+    for n in range(shape[0]):
+        for pos in itertools.product(*(range(s) for s in shape[1:])):
+            lab = int(labels[(n,) + pos])
+            if 0 <= lab < 4 and lab != ignore_index:
+                want[(n, lab) + pos] = 1.0
+    assert maps.dtype == torch.float32 and torch.equal(maps, want)
 
 
 # --------------------------------------------------------------------------- 1. PixelSampler

@@ -183,11 +183,14 @@ def apply_head(head, features: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
 def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
     """``(N, *S)`` labels -> ``(N, C, *S)`` float one-hot class maps (Eq. 2's :math:`M_n` from
     labels); pixels outside ``[0, C)`` or equal to ``ignore_index`` are all-zero."""
-    keep = (labels >= 0) & (labels < num_classes)
+    # one comparison per class straight into the (N, C, *S) layout (a label outside [0, C)
+    # matches none): F.one_hot would build an int64 (N, *S, C + 1) map, 8x the bytes, and
+    # then copy it channel-first
+    cls = torch.arange(num_classes, device=labels.device).view((1, num_classes) + (1,) * (labels.dim() - 1))
+    hot = labels.unsqueeze(1) == cls
     if ignore_index is not None:
-        keep &= labels != ignore_index
-    lab = torch.where(keep, labels, torch.full_like(labels, num_classes))
-    return F.one_hot(lab, num_classes + 1)[..., :num_classes].movedim(-1, 1).float()
+        hot &= (labels != ignore_index).unsqueeze(1)
+    return hot.to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- records passed between stages
