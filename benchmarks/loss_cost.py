@@ -182,7 +182,13 @@ def floor_rows(emb_shape, cases=((4, 512), (4, 1024), (14, 512)), repeats: int =
     same interleaved rounds: the similarity matmul of each class's S sampled pixels with its
     S + L keys (batch and bank, the keys padded as the loss pads them for the CPU's top-k) and
     one top-k of max(ks) over its rows, both in the loss's cache-sized chunks of queries (its
-    best way to run them). ``cases``: (classes, sampled pixels per class)."""
+    best way to run them). ``cases``: (classes, sampled pixels per class).
+
+    Also timed, as a third part no loss on a dense map can skip: reading its ``C x S`` sampled
+    pixels and handing back the gradient of the whole map (zeros but at those pixels), forward
+    and backward of ``emb[pixels].sum()`` after ``zero_grad(set_to_none=True)``, so the
+    gradient is a fresh map-sized allocation, page faults included (``gradient_write_s``).
+    The issue's floor leaves it out; ``loss_over_floor_with_gradient_write`` counts it in."""
     from torch_dacl.functional import _CPU_CHUNK_ELEMENTS, _topk_padding
 
     rows = []
@@ -204,10 +210,17 @@ def floor_rows(emb_shape, cases=((4, 512), (4, 1024), (14, 512)), repeats: int =
             emb.grad = None
             loss(emb, labels).backward()
 
+        where = [torch.randint(0, size, (c * s,), generator=g) for size in (n, h, w)]
+
+        def gather_step():  # read C x S pixels of the map and hand back the map's gradient
+            emb.grad = None
+            emb[where[0], :, where[1], where[2]].sum().backward()
+
         fns = (loss_step,
                lambda: [torch.bmm(q[:, i:i + chunk], keys_t) for i in range(0, s, chunk)],
-               lambda: [x.topk(k, dim=-1) for x in sims])
-        times = [[], [], []]
+               lambda: [x.topk(k, dim=-1) for x in sims],
+               gather_step)
+        times = [[], [], [], []]
         for f in fns:  # warm-up
             f()
         for _ in range(repeats):  # interleaved, so that the machine's drift hits all three alike
@@ -215,10 +228,11 @@ def floor_rows(emb_shape, cases=((4, 512), (4, 1024), (14, 512)), repeats: int =
                 t0 = time.perf_counter()
                 f()
                 ts.append(time.perf_counter() - t0)
-        t_loss, t_mm, t_topk = (statistics.median(ts) for ts in times)
+        t_loss, t_mm, t_topk, t_grad = (statistics.median(ts) for ts in times)
         rows.append(dict(classes=c, samples_per_class=s, bank=bank, keys=width, dim=d, k=k, query_chunk=chunk,
                          loss_fwd_bwd_s=t_loss, floor_matmul_s=t_mm, floor_topk_s=t_topk, floor_s=t_mm + t_topk,
-                         loss_over_floor=t_loss / (t_mm + t_topk)))
+                         loss_over_floor=t_loss / (t_mm + t_topk), gradient_write_s=t_grad,
+                         loss_over_floor_with_gradient_write=t_loss / (t_mm + t_topk + t_grad)))
     return rows
 
 
@@ -403,10 +417,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{sr['cps_step_again_s']:.3f} s (before/after), CPS + 2 DACL terms {sr['dacl_step_s']:.3f} s: "
           f"overhead {100 * sr['dacl_step_overhead']:.1f} %")
     print(f"\nthe loss against its floor (S x (S+L) similarity matmul + one top-k), embeddings {list(emb_shape_0)}:")
-    print(f"{'classes':>7} {'S':>5} {'keys':>5} {'loss f+b (s)':>13} {'matmul (s)':>11} {'top-k (s)':>10} {'loss/floor':>11}")
+    print(f"{'classes':>7} {'S':>5} {'keys':>5} {'loss f+b (s)':>13} {'matmul (s)':>11} {'top-k (s)':>10} {'loss/floor':>11}"
+          f" {'grad write (s)':>15} {'with it':>8}")
     for r in floor:
         print(f"{r['classes']:>7} {r['samples_per_class']:>5} {r['keys']:>5} {r['loss_fwd_bwd_s']:>13.4f} "
-              f"{r['floor_matmul_s']:>11.4f} {r['floor_topk_s']:>10.4f} {r['loss_over_floor']:>10.2f}x")
+              f"{r['floor_matmul_s']:>11.4f} {r['floor_topk_s']:>10.4f} {r['loss_over_floor']:>10.2f}x"
+              f" {r['gradient_write_s']:>15.4f} {r['loss_over_floor_with_gradient_write']:>7.2f}x")
     print(f"\n{'axis':>8} {'classes':>7} {'bank L':>7} {'pixels/class':>12} {'time (s)':>9} {'peak extra MiB':>15}")
     for r in scaling:
         print(f"{r['axis']:>8} {r['classes']:>7} {r['bank']:>7} {r['samples']:>12} {r['time_s']:>9.4f} "

@@ -170,6 +170,8 @@ def test_loss_cost_quick_writes_json(tmp_path):
     assert {r["axis"] for r in data["scaling"]} == {"bank", "classes", "samples"}
     assert all(r["peak_extra_mb"] >= 0 for r in data["scaling"])
     assert data["training_step"]["dacl_step_s"] > 0
+    for r in data["floor"]:  # the gradient write is a third part of the floor: the ratio with it is lower
+        assert r["gradient_write_s"] > 0 and r["loss_over_floor_with_gradient_write"] < r["loss_over_floor"]
     pytest.importorskip("matplotlib")
     fig = tmp_path / "cost_scaling.png"
     assert fig.is_file() and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
