@@ -6,16 +6,18 @@
 2. ``nnUNetv2_plan_and_preprocess -c 3d_fullres`` with the target spacing of the 3D example's
    ``cpu`` preset (7.7 x 5 x 5 mm, 4x coarser in plane than CHAOS-T2's 1.25 mm; plans
    ``nnUNetPlans_5mm``), so that a CPU trains it.
-3. ``nnUNetv2_train 501 3d_fullres FOLD`` with nnU-Net's ``nnUNetTrainer_<E>epochs`` and with
-   ``nnUNetTrainerDACL_<E>epochs`` (the same run length and everything else nnU-Net's), on the
-   CPU, side by side.
+3. ``nnUNetv2_train 501 3d_fullres FOLD`` with nnU-Net's default trainer and with
+   ``nnUNetTrainerDACL``, both shortened to the same schedule (``--schedule``, default
+   ``10x25``: 10 epochs of 25 iterations, from ``benchmarks/nnunet_trainers``; nnU-Net's own
+   ``nnUNetTrainer_<E>epochs`` run 250 iterations per epoch, too long for a CPU session) and
+   everything else nnU-Net's, on the CPU, side by side.
 4. Collects each fold's validation Dice (nnU-Net's own ``validation/summary.json``: the mean over
    the foreground classes and per class), the epochs and the time per epoch (its training log)
    into ``benchmarks/results/nnunet_chaos.json`` and ``.md``.
 
 Usage::
 
-    python benchmarks/nnunet_chaos.py --epochs 5               # both trainers, fold 0
+    python benchmarks/nnunet_chaos.py                          # both trainers, fold 0, 10 x 25 iterations
     python benchmarks/nnunet_chaos.py --collect-only           # the tables from finished runs
 
 Everything goes to ``--work`` (default ``runs/nnunet_chaos``); a finished trainer is not run
@@ -51,7 +53,8 @@ def env_for(work: Path) -> Dict[str, str]:
     from torch_dacl.nnunet import trainer_folder
 
     env = dict(os.environ, nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-               nnUNet_results=str(work / "results"), nnUNet_extTrainer=str(trainer_folder()), nnUNet_compile="f",
+               nnUNet_results=str(work / "results"), nnUNet_compile="f",
+               nnUNet_extTrainer=os.pathsep.join([str(trainer_folder()), str(ROOT / "benchmarks" / "nnunet_trainers")]),
                nnUNet_def_n_proc="1", OMP_WAIT_POLICY="PASSIVE")
     env.pop("nnUNet_n_proc_DA", None)
     return env
@@ -98,7 +101,8 @@ def train(work: Path, trainers: Sequence[str], fold: int, env: Dict[str, str]) -
             raise SystemExit(f"{trainer} failed: see {work / f'{trainer}_fold{fold}.log'}")
 
 
-def collect(work: Path, trainers: Sequence[str], fold: int, epochs: int, out: Path, command: str) -> dict:
+def collect(work: Path, trainers: Sequence[str], fold: int, epochs: int, iterations: int, out: Path,
+            command: str) -> dict:
     rows = []
     for trainer in trainers:
         d = fold_dir(work, trainer, fold)
@@ -119,7 +123,7 @@ def collect(work: Path, trainers: Sequence[str], fold: int, epochs: int, out: Pa
             row["dacl_loss_first_last"] = [float(dacl[0][0]), float(dacl[-1][0])]
         rows.append(row)
     table = {"what": f"CHAOS-T2 (examples/convert_to_nnunet.py) in nnU-Net v2, 3d_fullres at 7.7 x 5 x 5 mm "
-                     f"({PLANS}), fold {fold}, {epochs} epochs of nnU-Net's 250 iterations, on the CPU; validation "
+                     f"({PLANS}), fold {fold}, {epochs} epochs of {iterations} iterations (batch 2), on the CPU; validation "
                      f"Dice from nnU-Net's "
                      f"validation/summary.json (its own evaluation, mean over the 4 organs)",
              "command": command, "rows": rows}
@@ -142,7 +146,9 @@ def collect(work: Path, trainers: Sequence[str], fold: int, epochs: int, out: Pa
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, choices=(5, 10, 20), default=5, help="nnU-Net's and our trainer's length")
+    p.add_argument("--schedule", choices=("10x25", "5x250", "10x250", "20x250"), default="10x25",
+                   help="EPOCHSxITERATIONS of both trainers: 10x25 (default) from benchmarks/nnunet_trainers "
+                        "(fits a CPU session); the others are nnU-Net's nnUNetTrainer_<E>epochs and ours")
     p.add_argument("--fold", type=int_range(0, 4), default=0)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "nnunet_chaos")
     p.add_argument("--data-root", default=None, help="the examples' --data-root (default: their lookup)")
@@ -150,7 +156,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS / "nnunet_chaos")
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/nnunet_chaos.py", *(argv if argv is not None else sys.argv[1:])])
-    trainers = [f"nnUNetTrainer_{args.epochs}epochs", f"nnUNetTrainerDACL_{args.epochs}epochs"]
+    epochs, iterations = (int(x) for x in args.schedule.split("x"))
+    suffix = f"{epochs}epochs" if iterations == 250 else args.schedule
+    trainers = [f"nnUNetTrainer_{suffix}", f"nnUNetTrainerDACL_{suffix}"]
     env = env_for(args.work)
     if not args.collect_only:
         t0 = time.time()
@@ -158,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         prepare(args.work, args.data_root, env)
         train(args.work, trainers, args.fold, env)
         print(f"trained in {time.time() - t0:.0f} s")
-    return collect(args.work, trainers, args.fold, args.epochs, args.out, command)
+    return collect(args.work, trainers, args.fold, epochs, iterations, args.out, command)
 
 
 if __name__ == "__main__":

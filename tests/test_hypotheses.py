@@ -77,12 +77,32 @@ def test_nnunet_chaos_collects_nnunets_own_validation(tmp_path):
         if "DACL" in trainer:
             log += "dacl_loss 3.5000, lambda_CL 0.0100, anchors per step 900\ndacl_loss 2.5000, lambda_CL 0.0900\n"
         (d / "training_log_2026.txt").write_text(log)
-    table = nnunet_chaos.collect(tmp_path, ["nnUNetTrainer_5epochs", "nnUNetTrainerDACL_5epochs"], 0, 5,
+    table = nnunet_chaos.collect(tmp_path, ["nnUNetTrainer_5epochs", "nnUNetTrainerDACL_5epochs"], 0, 5, 250,
                                  tmp_path / "out" / "nnunet_chaos", "cmd")
+    assert "5 epochs of 250 iterations" in table["what"]
     base, dacl = table["rows"]
     assert base["val_dice"] == pytest.approx(60.0) and base["seconds_per_epoch"] == 110.0 and base["epochs_done"] == 3
     assert dacl["per_class_dice"]["spleen"] == pytest.approx(65.0) and dacl["dacl_loss_first_last"] == [3.5, 2.5]
     assert "| nnUNetTrainerDACL_5epochs | 3 | 140 | 65.00 |" in (tmp_path / "out" / "nnunet_chaos.md").read_text()
+
+
+def test_nnunet_chaos_short_schedules_are_found_by_nnunet(monkeypatch, capsys):
+    """The benchmark's short schedule pair is found by nnU-Net's own trainer lookup through the
+    nnUNet_extTrainer the benchmark sets, and both trainers get the same run length."""
+    pytest.importorskip("nnunetv2")
+    import nnunet_chaos
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from torch_dacl.nnunet import nnUNetTrainerDACL
+
+    monkeypatch.setenv("nnUNet_extTrainer", nnunet_chaos.env_for(Path("unused"))["nnUNet_extTrainer"])
+    base = recursive_find_trainer_class_by_name("nnUNetTrainer_10x25")
+    dacl = recursive_find_trainer_class_by_name("nnUNetTrainerDACL_10x25")
+    assert issubclass(dacl, nnUNetTrainerDACL) and not issubclass(base, nnUNetTrainerDACL)
+    for cls in (base, dacl):
+        obj = object.__new__(cls)
+        cls.__init__.__globals__["_shorten"](obj, "10x25")  # (nnU-Net drops the module from sys.modules)
+        assert (obj.num_epochs, obj.num_iterations_per_epoch, obj.num_val_iterations_per_epoch) == (10, 25, 5)
 
 
 def test_sparse_validation_compares_with_the_committed_dense_runs(tmp_path):

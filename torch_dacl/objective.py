@@ -202,6 +202,9 @@ class DACLObjective(nn.Module):
                 raise ValueError("dim: expected the embedding dimension D (or heads=, whose out_channels give it), "
                                  "got None")
             dim = heads[0].out_channels
+        if heads is not None and [h.out_channels for h in heads] != [dim, dim]:
+            raise ValueError(f"heads: expected both heads to map to dim={dim} channels, got out_channels "
+                             f"{[h.out_channels for h in heads]}")
         look_up_option("pseudo_policy", pseudo_policy, PSEUDO_POLICIES)
         look_up_option("ramp_shape", ramp_shape, RAMP_SHAPES)
         if loss_options.get("reduction") == "none":
