@@ -111,7 +111,8 @@ class DACLObjective(nn.Module):
 
     Args:
         num_classes: ``C`` (background included).
-        dim: embedding dimension ``D`` (None: the heads' ``out_channels``).
+        dim: embedding dimension ``D`` (None: the heads' ``out_channels``, which must be equal;
+            with ``heads`` and a ``dim``, both heads must map to ``dim``).
         total_steps: :math:`t_{max}` of the schedule.
         lambda_cl: the peak of :math:`\lambda_{CL}(t)` (0.1 in Eq. 1).
         lambda_cross: :math:`\lambda_{cross}` (1).
