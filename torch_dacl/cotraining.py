@@ -133,6 +133,7 @@ class ProjectionHead(nn.Module):
         norm = nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.spatial_dims = spatial_dims
         self.point_norm = look_up_option("point_norm", point_norm, POINT_NORMS)
         self.net = nn.Sequential(conv(in_channels, hidden, 1), norm(hidden), nn.ReLU(inplace=True),
                                  conv(hidden, out_channels, 1))
@@ -141,9 +142,10 @@ class ProjectionHead(nn.Module):
         self.input_grad_scale = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[1] != self.in_channels:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"ProjectionHead input: expected {self.in_channels} channels (in_channels) in shape "
-                             f"(N, {self.in_channels}, *spatial), got {tuple(x.shape)}")
+                             f"(N, {self.in_channels}, *spatial) with {self.spatial_dims} spatial dims "
+                             f"(spatial_dims), got {tuple(x.shape)}")
         return self.net(scale_gradient(x, self.input_grad_scale))
 
     def embed_points(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -666,7 +666,7 @@ def gaussian_rampup(step: float, total_steps: float, max_weight: float = 0.1, wa
         >>> gaussian_rampup(500, 30000)
         0.0
     """
-    if total_steps <= 0:
+    if not total_steps > 0:  # (NaN too)
         raise ValueError(f"total_steps: expected a value > 0, got {total_steps!r}")
     if step < warmup_steps:
         return 0.0

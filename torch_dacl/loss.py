@@ -345,8 +345,9 @@ class SoftDensityContrastiveLoss(nn.Module):
             raise ValueError(f"embeddings: expected {self.dim} channels (dim) in shape (N, {self.dim}, *spatial), "
                              f"got shape {tuple(embeddings.shape)}")
         if labels.dim() != embeddings.dim() - 1 or labels.shape[0] != n:
-            raise ValueError(f"labels: expected shape (N, *spatial) = ({n}, {', '.join(map(str, spatial))}) "
-                             f"for embeddings {tuple(embeddings.shape)}, got {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected shape (N, *spatial) with N = {n} and {len(spatial)} spatial dims "
+                             f"(any size, resized to the embeddings' {tuple(spatial)}) for embeddings "
+                             f"{tuple(embeddings.shape)}, got {tuple(labels.shape)}")
         check_labels("labels", labels, self.num_classes, self.ignore_index, check_values=self.validate)
         if labels.dtype != torch.long:  # any integer dtype (uint8 label maps, int32, ...)
             labels = labels.long()
@@ -357,7 +358,9 @@ class SoftDensityContrastiveLoss(nn.Module):
         if probs is not None:
             exp = (n, self.num_classes) + tuple(spatial)
             if probs.dim() != embeddings.dim() or probs.shape[:2] != exp[:2]:
-                raise ValueError(f"probs: expected shape {exp}, got {tuple(probs.shape)}")
+                raise ValueError(f"probs: expected shape (N, C, *spatial) = ({n}, {self.num_classes}, *spatial) "
+                                 f"with {len(spatial)} spatial dims (any size, resized to the embeddings' "
+                                 f"{tuple(spatial)}), got {tuple(probs.shape)}")
             if probs.shape[2:] != spatial:
                 probs = F.interpolate(probs.float(), size=spatial, mode="nearest")
         return labels, probs
