@@ -114,19 +114,17 @@ def run_named(ref: str, workdir: Path, tests) -> list:
     return rows
 
 
-def run_mutmut(ref: str, workdir: Path, files, tests, max_children: int) -> dict:
+def run_mutmut(ref: str, workdir: Path, files, tests, max_children: int, resume: bool = False) -> dict:
     copy = workdir / "mutmut"
-    export(ref, copy)
-    q = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs) + "]"  # noqa: E731
-    with open(copy / "pyproject.toml", "a") as f:
-        f.write(f"""
-[tool.mutmut]
-source_paths = ["torch_dacl"]
-only_mutate = {q(files)}
-also_copy = ["examples", "benchmarks"]
-pytest_add_cli_args = {q(PYTEST_ARGS + MUTMUT_DESELECT)}
-pytest_add_cli_args_test_selection = {q(tests)}
-""")
+    stamp = workdir / "commit"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    if resume and not (stamp.is_file() and stamp.read_text().strip() == commit and (copy / "mutants").is_dir()):
+        raise SystemExit(f"--resume: {workdir} holds no run of {commit[:7]} to resume")
+    if not resume:  # a fresh copy; with --resume mutmut keeps the verdicts it has and runs the rest
+        export(ref, copy)
+        stamp.write_text(commit + "\n")
+        _configure(copy, files, tests)
     mutmut = shutil.which("mutmut") or str(Path(sys.executable).parent / "mutmut")
     t = time.time()
     r = subprocess.run([mutmut, "run", "--max-children", str(max_children)], cwd=copy, env=_env(),
@@ -147,6 +145,19 @@ pytest_add_cli_args_test_selection = {q(tests)}
         for m in survivors:
             f.write(f"{m}\t{status[m]}\t{category(m, diffs[m])}\t{diffs[m]}\n")
     return dict(wall=wall, counts=counts, total=len(status), survivors=survivors, status=status)
+
+
+def _configure(copy: Path, files, tests) -> None:
+    q = lambda xs: "[" + ", ".join(f'"{x}"' for x in xs) + "]"  # noqa: E731
+    with open(copy / "pyproject.toml", "a") as f:
+        f.write(f"""
+[tool.mutmut]
+source_paths = ["torch_dacl"]
+only_mutate = {q(files)}
+also_copy = ["examples", "benchmarks"]
+pytest_add_cli_args = {q(PYTEST_ARGS + MUTMUT_DESELECT)}
+pytest_add_cli_args_test_selection = {q(tests)}
+""")
 
 
 def mutant_diffs(copy: Path, names) -> dict:
@@ -202,6 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--files", nargs="+", default=FILES)
     ap.add_argument("--tests", nargs="+", default=TESTS)
     ap.add_argument("--max-children", type=int_range(1), default=os.cpu_count() or 2)
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with the unfinished run of --ref in --workdir (mutmut keeps each verdict as it goes)")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +227,7 @@ def main(argv=None) -> None:
         lines += ["| mutation | file | result | s |", "| --- | --- | --- | --- |"]
         lines += [f"| {n} | {p} | {v} | {t:.0f} |" for n, p, v, t in rows] + [""]
     if args.part in ("all", "mutmut"):
-        res = run_mutmut(args.ref, workdir, args.files, args.tests, args.max_children)
+        res = run_mutmut(args.ref, workdir, args.files, args.tests, args.max_children, resume=args.resume)
         killed = res["counts"].get("killed", 0)
         lines += [f"mutmut over {', '.join(args.files)}: {res['total']} mutants, {killed} killed "
                   f"({100 * killed / max(res['total'], 1):.1f} %), wall {res['wall']:.0f} s",
