@@ -175,3 +175,17 @@ def test_loss_cost_quick_writes_json(tmp_path):
     pytest.importorskip("matplotlib")
     fig = tmp_path / "cost_scaling.png"
     assert fig.is_file() and fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mutation_resume_refuses_a_workdir_without_that_run(tmp_path):
+    """--resume goes on only with a run of the same commit; otherwise it says so and stops
+    before mutmut is started (no export, nothing written)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation.py"), "--part", "mutmut", "--resume",
+                        "--workdir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "holds no run of" in r.stderr
+    assert not (tmp_path / "w" / "mutmut").exists()
+    (tmp_path / "w" / "commit").write_text("0" * 40 + "\n")  # another commit's run
+    (tmp_path / "w" / "mutmut" / "mutants").mkdir(parents=True)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation.py"), "--part", "mutmut", "--resume",
+                        "--workdir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "holds no run of" in r.stderr
