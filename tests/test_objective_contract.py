@@ -300,15 +300,22 @@ def test_pixel_stride_takes_a_randomly_offset_grid_of_the_labels_at_feature_reso
     assert len(offsets) > 1 and any(o != (0, 0) for o in offsets)
 
 
-def test_sparse_heads_pixel_anchors_run_the_head_on_the_sampled_pixels():
+def _with_heads(**opts):
+    """An objective with two heads after one step, its feature maps, logits and labels, and
+    its output on them."""
     head_a, head_b = _heads()
-    obj = DACLObjective(C, total_steps=10, warmup=0, heads=(head_a, head_b), seed=2, **SMALL)
+    obj = DACLObjective(C, total_steps=10, warmup=0, heads=(head_a, head_b), seed=2, **opts)
     obj.step()
     g = torch.Generator().manual_seed(4)
     fa, fb = torch.randn(4, FEAT, 8, 8, generator=g), torch.randn(4, FEAT, 8, 8, generator=g)
     la, lb = _logits()
     y = _labels()
     out = obj(la, lb, fa, fb, y, torch.ones(4, dtype=torch.bool))
+    return obj, (head_a, head_b), (fa, fb), (la, lb), y, out
+
+
+def test_sparse_heads_pixel_anchors_run_the_head_on_the_sampled_pixels():
+    obj, (head_a, head_b), (fa, fb), (la, lb), y, out = _with_heads(**SMALL)
     det_a, det_b = _reference(2, fa, y, fb, y, head_a, head_b)
     _check_against(out, det_a, det_b, obj.lambda_cl)
     # the gradient reaches the feature map at the sampled pixels only
@@ -321,15 +328,8 @@ def test_sparse_heads_pixel_anchors_run_the_head_on_the_sampled_pixels():
 
 
 def test_class_anchors_run_the_heads_densely():
-    head_a, head_b = _heads()
     opts = dict(SMALL, anchor_mode="class")
-    obj = DACLObjective(C, total_steps=10, warmup=0, heads=(head_a, head_b), seed=2, **opts)
-    obj.step()
-    g = torch.Generator().manual_seed(4)
-    fa, fb = torch.randn(4, FEAT, 8, 8, generator=g), torch.randn(4, FEAT, 8, 8, generator=g)
-    la, lb = _logits()
-    y = _labels()
-    out = obj(la, lb, fa, fb, y, torch.ones(4, dtype=torch.bool))
+    _, (head_a, head_b), (fa, fb), _, y, out = _with_heads(**opts)
     ref_a = SoftDensityContrastiveLoss(C, D, seed=2, **opts)
     ref_b = SoftDensityContrastiveLoss(C, D, seed=3, **opts)
     torch.testing.assert_close(out.cl_a, ref_a(head_a(fa), y))
