@@ -203,21 +203,24 @@ def _worker(rank, world, init_file, out_dir):
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Run every scenario on 2 gloo ranks once; returns the per-rank results and the time."""
+    """Run every scenario on 2 gloo ranks once; returns the per-rank results.
+
+    The deadline only turns a deadlock into a failure; it is not a timing check (a loaded
+    machine may take minutes to spawn two ranks)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp("ddp")
     t0 = time.time()
     ctx = mp.spawn(_worker, args=(WORLD, str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
-    deadline = t0 + 240
+    deadline = t0 + 900
     while not ctx.join(timeout=1):
         if time.time() > deadline:  # a deadlock must fail the test, not hang CI
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
-            pytest.fail("distributed workers did not finish in 240 s")
+            pytest.fail("distributed workers did not finish in 900 s")
     out = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return out, time.time() - t0
+    return out
 
 
 def _sorted_entries(bank_state, c):
@@ -246,14 +249,13 @@ def _assert_bank_equal(a, b, ordered=True):
 
 # ----------------------------------------------------------------------------- helpers
 def test_workers_see_a_process_group(ranks):
-    out, seconds = ranks
+    out = ranks
     assert [r["rank"] for r in out] == [0, 1]
     assert all(r["world"] == WORLD and r["is_distributed"] for r in out)
-    assert seconds < 120
 
 
 def test_all_gather_with_grad_order_and_summed_gradient(ranks):
-    out, _ = ranks
+    out = ranks
     # rank 0 holds [0, 1], rank 1 holds [10, 11, 12]: rank-major concatenation on both
     for r in out:
         assert r["gather"][0].tolist() == [0.0, 1.0, 10.0, 11.0, 12.0]
@@ -265,7 +267,7 @@ def test_all_gather_with_grad_order_and_summed_gradient(ranks):
 
 
 def test_all_gather_cat_and_shared_generator(ranks):
-    out, _ = ranks
+    out = ranks
     for r in out:
         vals, flags = r["gather_cat"]
         assert vals.tolist() == [0, 0, 1, 1]
@@ -275,7 +277,7 @@ def test_all_gather_cat_and_shared_generator(ranks):
 
 # ----------------------------------------------------------------------------- bank
 def test_bank_identical_on_ranks_and_equal_to_single_process(ranks):
-    out, _ = ranks
+    out = ranks
     for k in out[0]["bank"]:
         assert torch.equal(out[0]["bank"][k], out[1]["bank"][k]), k
     single = _run_bank(0, 1, False)
@@ -288,7 +290,7 @@ def test_bank_identical_on_ranks_and_equal_to_single_process(ranks):
 # ----------------------------------------------------------------------------- loss
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_loss_matches_single_process_on_concatenated_batch(ranks, name):
-    out, _ = ranks
+    out = ranks
     sc = SCENARIOS[name]
     torch.manual_seed(0)
     single = _run_loss(sc, 0, 1, False)
@@ -310,7 +312,7 @@ def test_loss_matches_single_process_on_concatenated_batch(ranks, name):
 @pytest.mark.parametrize("name", ["small", "small_pixel"])
 def test_ranks_agree_with_subsampling(ranks, name):
     """Budgets below the candidates: random draws matter, and every rank draws the same."""
-    out, _ = ranks
+    out = ranks
     a, b = out[0][name], out[1][name]
     for la, lb in zip(a["losses"], b["losses"]):
         assert torch.equal(la, lb)
@@ -323,7 +325,7 @@ def test_ranks_agree_with_subsampling(ranks, name):
 def test_restored_loss_continues_the_shared_stream_without_broadcasting(ranks):
     """Two steps, rank 0's state_dict loaded on every rank, third step: equal to the
     uninterrupted run on each rank; the seed was broadcast once, at the first call only."""
-    out, _ = ranks
+    out = ranks
     for r in out:
         loss_full, grad_full, loss_resumed, grad_resumed = r["resume"]
         assert torch.equal(loss_full, loss_resumed) and torch.equal(grad_full, grad_resumed)
@@ -332,7 +334,7 @@ def test_restored_loss_continues_the_shared_stream_without_broadcasting(ranks):
 
 
 def test_ddp_parameter_gradients_equal_single_process(ranks):
-    out, _ = ranks
+    out = ranks
     model = _ddp_model()
     loss_fn = SoftDensityContrastiveLoss(**dict(EXACT, bank_size=8))
     x, labels = _ddp_batch()
