@@ -162,7 +162,8 @@ class ProjectionHead(nn.Module):
         conv1, bn, _, conv2 = self.net
         x = x.to(conv1.weight.dtype)  # e.g. half-precision features from an autocast forward
         h = F.linear(scale_gradient(x, self.input_grad_scale), conv1.weight.flatten(1), conv1.bias)
-        h = h.float()  # the normalisation in float32, as BatchNorm runs under autocast
+        # the normalisation in at least float32 (as BatchNorm runs under autocast); a float64 head keeps float64
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
         if self.point_norm == "sample" and bn.training:
             w = torch.ones_like(h[:, :1]) if valid is None else valid.to(h.dtype).reshape(-1, 1)
             n = w.sum()

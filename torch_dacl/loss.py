@@ -485,9 +485,13 @@ def paired_losses(loss_a: SoftDensityContrastiveLoss, loss_b: SoftDensityContras
     """Two models' DACL losses (each with its own bank and random stream) in one grouped call:
     the ``2C`` class groups of both go through one batched similarity matmul and one top-k
     (Eq. 3-5) and one Eq. 9-10 call; sampling, mining and the bank updates stay per model.
-    Each loss gets exactly what its own call ``loss_x(embeddings_x, labels_x,
-    return_details=True, head=head_x)`` gives (the groups are independent); it *is* that, two
-    calls, when the two losses' options or shapes differ. Used by
+    Each loss gets what its own call ``loss_x(embeddings_x, labels_x, return_details=True,
+    head=head_x)`` gives (the groups are independent), up to float rounding of the batched
+    operations (bank densities may differ in the last bits); it *is* that, two calls, when the
+    two losses' options or shapes differ or in ``anchor_mode="class"``. In the grouped call the
+    two losses share one autograd graph: ``details_a.loss.backward()`` alone gives the second
+    model's parameters a zero gradient rather than none (backpropagate the sum, as
+    :class:`~torch_dacl.DACLObjective` does). Used by
     :class:`~torch_dacl.DACLObjective`; fewer, larger operations (half the launches on a GPU).
 
     Returns the two :class:`DACLDetails`.
