@@ -231,12 +231,12 @@ def _multi_scale_topk_mean(sims: torch.Tensor, num_valid: torch.Tensor, ks: Tupl
     """
     kmax = min(max(ks), sims.shape[-1])
     if kmax == 0:
-        return torch.full(num_valid.shape, -1.0, device=sims.device)
+        return torch.full(num_valid.shape, -1.0, dtype=torch.float32, device=sims.device)
     top = sims.topk(kmax, dim=-1).values
     # entries past num_valid are never read; zero them so that the cumulative sum stays finite
     top = torch.where(torch.arange(kmax, device=sims.device) < num_valid.unsqueeze(-1), top, torch.zeros_like(top))
     csum = top.cumsum(-1)
-    total = torch.zeros(num_valid.shape, device=sims.device)
+    total = torch.zeros(num_valid.shape, dtype=torch.float32, device=sims.device)
     for k in ks:  # a handful of scales, not classes or pixels
         kk = num_valid.clamp(max=min(k, kmax))
         picked = csum.gather(-1, (kk - 1).clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -351,7 +351,7 @@ def knn_density_grouped(
             sims.diagonal(offset=start, dim1=1, dim2=2).fill_(_INVALID_KEY - 1.0)  # a query is not its neighbour
             nv = num_nb.unsqueeze(1).expand(c, qc.shape[1])
             out.append(_multi_scale_topk_mean(sims, nv, ks))
-        dens = torch.cat(out, dim=1) if out else torch.zeros(c, 0, device=dev)
+        dens = torch.cat(out, dim=1) if out else torch.zeros(c, 0, dtype=torch.float32, device=dev)
         return torch.where(valid, dens, torch.full_like(dens, -1.0))
 
 
@@ -410,7 +410,7 @@ def knn_density(
     check_labels("labels", labels, c)
     q = features.shape[0]
     if q == 0:
-        return torch.zeros(0, device=features.device)
+        return torch.zeros(0, dtype=torch.float32, device=features.device)
     width = int(torch.bincount(labels, minlength=c).max())  # host sync: size of the padding
     index, mask = group_by_label(labels, c, width)
     dens = knn_density_grouped(features[index], mask, ks, bank, bank_valid)
@@ -768,7 +768,7 @@ def dacl_labels(
             logits_u, unl = logits_other.index_select(0, rows), None
         else:  # every row, the labeled ones masked (no host synchronisation)
             rows, logits_u = None, logits_other
-            unl = (~labeled).view((n,) + (1,) * len(spatial))
+            unl = (~labeled).view((n,) + (1,) * len(spatial)).to(logits_other.device)
         probs = logits_u.detach().float().softmax(1)  # (U, C, *S), once for every policy
         conf, pred = probs.max(1)
         keep = conf > confidence
@@ -779,7 +779,10 @@ def dacl_labels(
                 flat = torch.where(unl, flat, torch.full_like(flat, c * num_bins))
             hist = torch.zeros(c * num_bins + 1, device=conf.device).scatter_add_(
                 0, flat.reshape(-1), torch.ones(flat.numel(), device=conf.device))[:-1].view(c, num_bins)
-            need = (hist.sum(1) * fraction).ceil()  # (C,) pixels to keep per predicted class
+            count = hist.sum(1)
+            # (C,) pixels to keep per predicted class: at least one where the class is predicted
+            # (a tiny fraction must not underflow to none in float32)
+            need = torch.maximum((count * fraction).ceil(), (count > 0).to(count.dtype))
             at_or_above = hist.flip(1).cumsum(1).flip(1)  # pixels with bin >= b
             cut = (at_or_above >= need.unsqueeze(1)).sum(1) - 1  # (C,) highest bin that keeps enough
             keep |= (bins >= cut[pred]) & (need[pred] > 0)
@@ -809,13 +812,16 @@ def _class_prior_labels(probs, labels, lab, unl, pred, keep, fraction, num_bins)
     the unlabeled rows, or of every row with ``unl`` marking the unlabeled ones):
     ``(pred, keep)`` updated."""
     c = probs.shape[1]
+    labels = labels.long()  # compared with c in int64: a narrow label dtype must not wrap c around
     lab_px = lab & (labels >= 0) & (labels < c)  # the labeled pixels of the whole batch give the prior
-    idx = torch.where(lab_px, labels.long(), torch.full_like(labels, c, dtype=torch.long)).reshape(-1)
+    idx = torch.where(lab_px, labels, torch.full_like(labels, c)).reshape(-1)
     counts = torch.zeros(c + 1, device=probs.device).scatter_add_(
         0, idx.to(probs.device), torch.ones(idx.numel(), device=probs.device))[:c]
     prior = counts / counts.sum().clamp_min(1.0)
     n_unl = pred.numel() if unl is None else unl.expand_as(pred).sum()
-    need = (prior * n_unl * fraction).ceil()  # (C,) pixels to label as each class
+    expected = prior * n_unl
+    # (C,) pixels to label as each class: at least one for a class with a prior (no underflow)
+    need = torch.maximum((expected * fraction).ceil(), (expected > 0).to(expected.dtype))
     scaled = probs * num_bins  # bin b of p: floor(p * num_bins), clamped to the last bin
     view = (1, c) + (1,) * (pred.dim() - 1)
     flat = scaled.long().clamp_(0, num_bins - 1) + (torch.arange(c, device=probs.device) * num_bins).view(view)

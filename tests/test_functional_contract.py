@@ -1,0 +1,263 @@
+"""The contract of ``torch_dacl.functional`` beyond tests/test_functional.py and
+tests/test_messages_contract.py: the histogram cuts of ``dacl_labels``' ``"class_fraction"`` and
+``"class_prior"`` policies on hand-made probabilities (bin edges, the default 1000 bins, ties
+in the cut's bin, the strict confidence threshold, the prior from the labeled pixels, the
+``p_c / t_c`` choice between two claiming classes), inputs of other dtypes (an integer ``labeled``,
+a float mask for the CPS loss), inputs on another device than ``labeled`` and
+a default device other than the inputs' (``meta`` stands in for an accelerator), NaN logits,
+and the empty edge cases of the flat functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import torch_dacl.functional as DF
+
+LONG = torch.long
+IGN = -100  # the default ignore_index
+POLICIES = ("fixed", "class_fraction", "class_prior", "none")
+
+
+def _two_class_logits(p0):
+    """``(1, 2, 1, W)`` logits whose softmax gives class 0 the probabilities ``p0`` (1.0 and
+    0.0 exactly for the entries 1 and 0, 1/2 exactly for 0.5)."""
+    rows = []
+    for p in p0:
+        if p == 1.0:
+            rows.append((0.0, -200.0))
+        elif p == 0.0:
+            rows.append((-200.0, 0.0))
+        else:
+            rows.append((math.log(p), math.log1p(-p)))
+    return torch.tensor(rows).T.reshape(1, 2, 1, len(p0))
+
+
+def _unlabeled(p0, **kw):
+    """Pseudo labels of one unlabeled 1 x W image with class-0 probabilities ``p0``."""
+    w = len(p0)
+    y, _ = DF.dacl_labels(torch.zeros(1, 1, w, dtype=LONG), torch.tensor([False]), _two_class_logits(p0), **kw)
+    return y[0, 0].tolist()
+
+
+def _prior(labeled_row, p1, **kw):
+    """``"class_prior"`` labels of the unlabeled image of a batch of two 1 x W images: the
+    first labeled with ``labeled_row``, the second unlabeled with class-1 probabilities
+    ``p1``. ``confidence=1.0`` keeps the fixed rule out of the way (no softmax exceeds 1)."""
+    labels = torch.tensor([labeled_row, [0] * len(p1)]).reshape(2, 1, len(p1))
+    logits = torch.cat([torch.zeros(1, 2, 1, len(p1)), _two_class_logits([1.0 - p for p in p1])])
+    kw = dict(dict(confidence=1.0, num_bins=4), **kw)
+    y, _ = DF.dacl_labels(labels, torch.tensor([True, False]), logits, "class_prior", **kw)
+    assert torch.equal(y[0], labels[0])  # ground truth kept on the labeled image
+    return y[1, 0].tolist()
+
+
+
+# ----------------------------------------------------------------------------- dacl_labels, "fixed"
+def test_fixed_policy_needs_a_confidence_strictly_above_the_threshold():
+    # equal logits: softmax confidence exactly 0.5
+    assert _unlabeled([0.5], confidence=0.5) == [IGN]
+    assert _unlabeled([0.5], confidence=0.49) == [0]
+
+
+# ----------------------------------------------------------------------------- dacl_labels, "class_fraction"
+def test_class_fraction_keeps_every_pixel_tied_in_the_cut_bin_of_the_default_1000_bins():
+    # 0.90005 and 0.9005 share the 1/1000 bin 900 (but not a 1/1001 bin): with fraction 0.5
+    # one pixel is needed and both are kept; below the 0.95 threshold, so by the cut alone
+    p0 = [0.90005, 0.9005]
+    assert _unlabeled(p0, policy="class_fraction", fraction=0.5) == [0, 0]
+    assert _unlabeled(p0, policy="class_fraction", fraction=0.5, num_bins=1000) == [0, 0]
+    assert _unlabeled(p0, policy="class_fraction", fraction=0.5, num_bins=1001) == [IGN, 0]
+
+
+def test_class_fraction_cut_is_the_highest_bin_that_keeps_enough_pixels():
+    # 4 bins: 0.6 in bin 2, 0.9 in bin 3
+    kw = dict(policy="class_fraction", num_bins=4)
+    assert _unlabeled([0.6, 0.9], fraction=0.5, **kw) == [IGN, 0]
+    assert _unlabeled([0.6, 0.9], fraction=1.0, **kw) == [0, 0]
+
+
+def test_class_fraction_bins_span_zero_to_one_both_ends_included():
+    # a certain pixel (confidence exactly 1.0) is in its class's top bin, not past it
+    assert _unlabeled([1.0, 0.0], policy="class_fraction", confidence=1.0, fraction=0.5) == [0, 1]
+    assert _unlabeled([1.0, 0.6], policy="class_fraction", confidence=1.0, fraction=0.5, num_bins=4) == [0, IGN]
+    # bin 0 holds the confidences below 1/num_bins (5 classes: class 0 at 0.22 and at 0.40)
+    logits = torch.zeros(1, 5, 1, 2)
+    logits[0, 0, 0] = torch.tensor([0.1, 1.0])
+    y, _ = DF.dacl_labels(torch.zeros(1, 1, 2, dtype=LONG), torch.tensor([False]), logits, "class_fraction",
+                          fraction=0.5, num_bins=4)
+    assert y.tolist() == [[[IGN, 0]]]
+
+
+# ----------------------------------------------------------------------------- dacl_labels, "class_prior"
+def test_class_prior_labels_the_prior_share_of_the_top_pixels():
+    # one labeled pixel, of class 1: prior 1 for class 1, 0 for class 0; 4 unlabeled pixels
+    # in the 4 bins of p1 (0.0 exactly in bin 0)
+    row, p1 = [1, IGN, IGN, IGN], [0.0, 0.3, 0.6, 0.9]
+    assert _prior(row, p1, fraction=1.0) == [1, 1, 1, 1]  # every pixel, the p1 = 0 one too
+    assert _prior(row, p1, fraction=0.5) == [IGN, IGN, 1, 1]
+    assert _prior(row, p1, fraction=0.25) == [IGN, IGN, IGN, 1]
+    # the prior is the class's share of the labeled pixels: two of four labeled pixels for
+    # each class, two pixels each (p0 = 1.0 and 0.7 in class 0's bins 3 and 2)
+    assert _prior([1, 1, 0, 0], p1, fraction=1.0) == [0, 0, 1, 1]
+
+
+def test_class_prior_cut_bin_edges():
+    # p1 = 0.5 is exactly the lower edge of bin 2 (the cut): claimed
+    assert _prior([1, IGN], [0.5, 0.2], fraction=0.5) == [1, IGN]
+    # p1 = 1.0 is in the top bin, not past it: the cut is that bin, the 0.6 pixel is left
+    assert _prior([1, IGN], [1.0, 0.6], fraction=0.5) == [1, IGN]
+
+
+def test_class_prior_only_classes_with_a_prior_claim_pixels():
+    # class 0 has no labeled pixel: its 0.8 pixel (top bin) stays unlabeled; class 1 needs one
+    # pixel and claims its 0.6 one
+    assert _prior([1, IGN], [0.2, 0.6], fraction=0.5) == [IGN, 1]
+
+
+def test_class_prior_pixel_claimed_by_two_classes_goes_to_the_larger_p_over_cut():
+    # classes 0 and 1 each need one pixel; p0 = (0.78, 0.9): class 0's cut is bin 3
+    # (t_0 = 1), class 1's bin 0 (t_1 = 1/4). Pixel 0: 0.78 / 1 < 0.22 / (1/4) -> class 1,
+    # though class 0 is its argmax; pixel 1: 0.9 > 0.1 * 4 -> class 0
+    assert _prior([0, 1], [0.22, 0.1], fraction=1.0) == [1, 0]
+
+
+def test_class_prior_every_row_path_ignores_the_labeled_rows_in_the_histogram(monkeypatch):
+    # labeled not on the CPU: every row is computed and the labeled ones are masked out of the
+    # histogram (here with 2 bins and 2 classes); the same labels as on the unlabeled row alone
+    labels = torch.tensor([[[0, 0]], [[0, 0]]])
+    logits = torch.cat([torch.zeros(1, 2, 1, 2), _two_class_logits([0.3, 0.4])])
+    args = (labels, torch.tensor([True, False]), logits, "class_prior")
+    rows = DF.dacl_labels(*args, confidence=1.0, fraction=0.5, num_bins=2)
+    monkeypatch.setattr(DF, "_pick_rows", lambda labeled: False)
+    every = DF.dacl_labels(*args, confidence=1.0, fraction=0.5, num_bins=2)
+    assert rows[0].tolist() == every[0].tolist() == [[[0, 0]], [[0, 0]]]
+    assert rows[1].tolist() == every[1].tolist() == [[[False, False]], [[True, True]]]
+
+
+# ----------------------------------------------------------------------------- dacl_labels, all policies
+def test_pick_rows_picks_the_unlabeled_rows_when_labeled_is_on_the_cpu():
+    # (the pseudo labels are then computed on the unlabeled rows alone, without a device sync)
+    assert DF._pick_rows(torch.tensor([True, False])) is True
+    assert DF._pick_rows(torch.zeros(2, dtype=torch.bool, device="meta")) is False
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_integer_labeled_mask_acts_as_bool(policy):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 3, 2, 2, generator=g) * 3
+    labels = torch.randint(0, 3, (3, 2, 2), generator=g)
+    ref = DF.dacl_labels(labels, torch.tensor([True, False, False]), logits, policy, confidence=0.6)
+    for mask in (torch.tensor([1, 0, 0]), torch.tensor([1, 0, 0], dtype=torch.uint8)):
+        got = DF.dacl_labels(labels, mask, logits, policy, confidence=0.6)
+        assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+@pytest.mark.parametrize("policy", ["class_fraction", "class_prior"])
+def test_nan_logits_do_not_break_the_histogram(policy):
+    # a NaN pixel falls into some bin of the histogram, never outside it; confident pixels
+    # keep their pseudo labels
+    logits = torch.zeros(2, 2, 1, 3)
+    logits[:, 0, 0] = torch.tensor([8.0, -8.0, float("nan")])
+    labels = torch.tensor([[[0, 1, 1]], [[0, 0, 0]]])
+    y, conf = DF.dacl_labels(labels, torch.tensor([True, False]), logits, policy, confidence=0.9)
+    assert y.shape == (2, 1, 3) and y[1, 0, :2].tolist() == [0, 1] and conf[1, 0, :2].all()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_dacl_labels_inputs_on_another_device_than_labeled(policy):
+    # labeled on the CPU, labels and logits elsewhere (meta stands in for an accelerator)
+    labels = torch.zeros(2, 3, 3, dtype=LONG, device="meta")
+    logits = torch.zeros(2, 3, 3, 3, device="meta")
+    y, conf = DF.dacl_labels(labels, torch.tensor([True, False]), logits, policy)
+    assert (y.device.type, y.dtype, y.shape) == ("meta", LONG, (2, 3, 3))
+    assert (conf.device.type, conf.dtype, conf.shape) == ("meta", torch.bool, (2, 3, 3))
+
+
+@pytest.mark.parametrize("labeled", [[True, False], [True, True]])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_dacl_labels_under_another_default_device(policy, labeled):
+    # every tensor is made on the inputs' device: a default device elsewhere changes nothing
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 3, 3, 4, generator=g) * 3
+    labels = torch.randint(0, 3, (2, 3, 4), generator=g)
+    labeled = torch.tensor(labeled)
+    ref = DF.dacl_labels(labels, labeled, logits, policy, confidence=0.99, fraction=0.5)
+    if policy in ("class_fraction", "class_prior") and not labeled.all():  # the histograms decide pixels
+        assert ref[1].sum() > DF.dacl_labels(labels, labeled, logits, "fixed", confidence=0.99)[1].sum()
+    with torch.device("meta"):
+        got = DF.dacl_labels(labels, labeled, logits, policy, confidence=0.99, fraction=0.5)
+    assert got[0].device.type == got[1].device.type == "cpu"
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+
+
+# ----------------------------------------------------------------------------- knn_density
+def test_knn_density_of_no_query_is_on_the_features_device_under_another_default_device():
+    feats, labels = torch.randn(0, 3), torch.zeros(0, dtype=LONG)
+    with torch.device("meta"):
+        dens = DF.knn_density(feats, labels, (1,))
+    assert dens.device.type == "cpu" and dens.shape == (0,)
+
+
+# ----------------------------------------------------------------------------- soft_density_contrastive_loss
+def test_contrastive_loss_with_no_class_and_no_anchor_is_zero():
+    anchors = torch.zeros(0, 4, requires_grad=True)
+    args = (torch.zeros(0, dtype=LONG), torch.zeros(0, 4), torch.zeros(0, 3, 4))
+    loss = DF.soft_density_contrastive_loss(anchors, *args)
+    assert loss.item() == 0.0 and loss.requires_grad
+    assert DF.soft_density_contrastive_loss(anchors, *args, reduction="sum").item() == 0.0
+    assert DF.soft_density_contrastive_loss(anchors, *args, reduction="none").shape == (0,)
+
+
+# ----------------------------------------------------------------------------- cross_pseudo_supervision_loss
+def test_cps_loss_takes_a_float64_mask_as_its_bool_mask_and_stays_float32():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    mask = torch.rand(2, 4, 4, generator=g) > 0.5
+    ref = DF.cross_pseudo_supervision_loss(a, b, mask)
+    got = DF.cross_pseudo_supervision_loss(a, b, mask.to(torch.float64))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref)
+
+
+# ----------------------------------------------------------------------------- defects the review found
+@pytest.mark.parametrize("every_row", [False, True])
+def test_class_prior_reads_narrow_label_dtypes_without_wrapping_the_class_count(monkeypatch, every_row):
+    # 300 classes and uint8 labels: the prior's "label < C" must not compare with C mod 256
+    monkeypatch.setattr(DF, "_pick_rows", lambda labeled: not every_row)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 300, 2, 3, generator=g)
+    labels = torch.full((2, 2, 3), 44, dtype=torch.uint8)
+    labeled = torch.tensor([True, False])
+    ref, ref_conf = DF.dacl_labels(labels.long(), labeled, logits, policy="class_prior", fraction=1.0)
+    out, conf = DF.dacl_labels(labels, labeled, logits, policy="class_prior", fraction=1.0)
+    assert torch.equal(out, ref) and torch.equal(conf, ref_conf)
+    assert (out[1] == 44).all()  # the prior is all class 44: every unlabeled pixel goes to it
+
+
+@pytest.mark.parametrize("policy", ["class_fraction", "class_prior"])
+def test_a_tiny_fraction_still_keeps_a_pixel_per_class(policy):
+    # fraction 1e-46 is positive (accepted) but underflows to 0 in float32: still one pixel each
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, 4, generator=g)
+    labels = (torch.arange(32) % 3).reshape(2, 4, 4)
+    labeled = torch.tensor([True, False])
+    out, conf = DF.dacl_labels(labels, labeled, logits, policy=policy, confidence=1.0, fraction=1e-46)
+    got = set(out[1][conf[1]].tolist())
+    expected = set(logits[1].argmax(0).unique().tolist()) if policy == "class_fraction" else {0, 1, 2}
+    assert got == expected
+
+
+def test_knn_density_is_float32_under_a_float64_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        feats = torch.randn(6, 4, dtype=torch.float32)
+        labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        assert DF.knn_density(feats, labels, (2,)).dtype == torch.float32
+        assert DF.knn_density(feats[:0], labels[:0], (2,)).dtype == torch.float32
+        assert DF.knn_density(feats[:1], labels[:1], (2,)).dtype == torch.float32  # one point: no neighbour
+    finally:
+        torch.set_default_dtype(before)
