@@ -47,3 +47,12 @@ def test_knn_density_of_no_features_stays_on_their_device():
     for bank in (None, torch.zeros(3, 5, 4, device=META)):
         dens = DF.knn_density(feats, labels, (2,), bank=bank)
         assert dens.device == META and dens.shape == (0,)
+
+
+def test_objective_counts_pseudo_labels_on_the_labels_device():
+    from torch_dacl import DACLObjective
+
+    objective = DACLObjective(3, dim=8, total_steps=10)
+    y = torch.zeros(2, 4, 4, dtype=torch.long, device=META)
+    counts = objective._count(y, torch.ones(2, 4, 4, dtype=torch.bool, device=META))
+    assert counts.device == META and counts.shape == (3,)
