@@ -328,3 +328,20 @@ def test_made_by_is_false_for_what_the_head_did_not_make():
     assert not made_by(f * 2.0, head)  # an operation with an input outside the graph
     assert not made_by(head.net[:3](f) * torch.ones(1), head)
     assert made_by(head(f), head) and made_by(head(f * 2.0), head)
+
+
+def test_a_float16_head_normalises_in_float32_without_overflow():
+    # features whose first-layer activations spread by about +-600: their squares (3.6e5) overflow
+    # float16 (max 65504), so a normalisation in the head's own dtype gives an infinite variance
+    # and a constant output; in float32 the point path matches the float32 head's to float16 rounding
+    torch.manual_seed(0)
+    head = ProjectionHead(3, 4, hidden_channels=5).train()
+    with torch.no_grad():
+        head.net[0].weight.fill_(1.0)
+    x = torch.randn(64, 3) * 200
+    ref = copy.deepcopy(head)(x.view(64, 3, 1, 1)).view(64, 4)
+    out = head.half().embed_points(x.half())
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all()
+    assert ref.std(0).min() > 0.05  # the reference is not constant: a collapsed output cannot match it
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)

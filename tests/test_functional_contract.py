@@ -261,3 +261,53 @@ def test_knn_density_is_float32_under_a_float64_default_dtype():
         assert DF.knn_density(feats[:1], labels[:1], (2,)).dtype == torch.float32  # one point: no neighbour
     finally:
         torch.set_default_dtype(before)
+
+
+# ----------------------------------------------------------------------------- review of the f7d386b run
+@pytest.mark.parametrize("policy", ["fixed", "class_fraction", "class_prior"])
+def test_dacl_labels_every_row_path_puts_its_result_on_the_inputs_device(monkeypatch, policy):
+    # labeled off the CPU takes the every-row path (no host sync); there the unlabeled mask must
+    # follow the logits (here labeled stays on the CPU, labels and logits are on meta)
+    monkeypatch.setattr(DF, "_pick_rows", lambda labeled: False)
+    labels = torch.zeros(2, 3, 3, dtype=LONG, device="meta")
+    logits = torch.zeros(2, 3, 3, 3, device="meta")
+    y, conf = DF.dacl_labels(labels, torch.tensor([True, False]), logits, policy)
+    assert (y.device.type, y.dtype, y.shape) == ("meta", LONG, (2, 3, 3))
+    assert (conf.device.type, conf.dtype, conf.shape) == ("meta", torch.bool, (2, 3, 3))
+
+
+def test_a_tiny_fraction_keeps_a_pixel_of_a_class_predicted_or_expected_on_one_pixel():
+    # fraction 1e-46 underflows to 0 in float32; a class on a single pixel still gets it
+    # "class_fraction": class 1 is predicted on one pixel (p0 = 0.2), class 0 keeps its top one
+    assert _unlabeled([0.6, 0.7, 0.2], policy="class_fraction", fraction=1e-46) == [IGN, 0, 1]
+    # "class_prior": one labeled pixel of each class and two unlabeled pixels: each class is
+    # expected on exactly one pixel (p0 = 0.8 in class 0's top bin, p1 = 0.6 in class 1's bin 2)
+    assert _prior([1, 0], [0.2, 0.6], fraction=1e-46) == [0, 1]
+
+
+def test_class_prior_pixel_claimed_by_two_classes_compares_p_over_cut_however_small_p():
+    # classes 0 and 1 each need one of the two unlabeled pixels, class 2 has no prior. Both
+    # pixels are almost surely class 2 (p0 = e^-100, p1 = e^-98, subnormal in float32), so
+    # the cuts of classes 0 and 1 are bin 0 (t = 1/1000) and both claim both pixels:
+    # p1 / t > p0 / t gives them to class 1
+    labels = torch.tensor([[[0, 1]], [[0, 0]]])
+    logits = torch.zeros(2, 3, 1, 2)
+    logits[1, :, 0] = torch.tensor([[-100.0, -100.0], [-98.0, -98.0], [0.0, 0.0]])
+    probs = logits[1].softmax(0)
+    assert 0 < probs[0, 0, 0] < probs[1, 0, 0] < 1e-42  # the premise: tiny but not zero
+    y, conf = DF.dacl_labels(labels, torch.tensor([True, False]), logits, "class_prior", confidence=1.0,
+                             fraction=1.0)
+    assert y[1].tolist() == [[1, 1]] and conf[1].all()
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (2, 3, 0, 5), (0, 3, 2, 4, 5), (1, 3, 2, 0, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cps_of_an_empty_batch_or_zero_size_image_is_a_zero_connected_to_the_graph(shape, masked):
+    # degenerate input gets a defined, finite result: no pixel gives 0 (a mean over no pixel is NaN)
+    a = torch.randn(shape, requires_grad=True)
+    b = torch.randn(shape, requires_grad=True)
+    mask = torch.ones((shape[0],) + shape[2:], dtype=torch.bool) if masked else None
+    loss = DF.cross_pseudo_supervision_loss(a, b, mask=mask)
+    assert loss.dtype == torch.float32 and loss.shape == () and loss.item() == 0.0
+    loss.backward()
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape

@@ -1,7 +1,9 @@
 """Contracts of the stage helpers and the memory bank that the other stage tests leave open:
 the sampler's packed all-gather (with the two collectives simulated in process), the
 prototypes of the sampled pixels, the ranking helpers' tie order, the random stream's
-hash and state, and the bank's ``state_dict`` loading and ``entries``."""
+hash and state, the bank's ``state_dict`` loading and ``entries``, the stages' defaults and
+checks, ``masked_mean`` in each dtype, the sampler's prototypes from a probability map, and
+the stages' device under another default device."""
 
 import re
 
@@ -10,7 +12,8 @@ import torch
 
 import torch_dacl.distributed as tdist
 from torch_dacl import ClassMemoryBank
-from torch_dacl.stages import PixelSampler, RandomStream, _mix, count_shared, sampled_prototypes, split_by_rank
+from torch_dacl.stages import (BankPolicy, PixelSampler, RandomStream, Sample, SoftContrastiveTerm, _mix, count_shared,
+                               masked_mean, sampled_prototypes, split_by_rank)
 
 
 # --------------------------------------------------------------------------- PixelSampler._gather
@@ -268,3 +271,130 @@ def test_bank_entries_refuses_a_class_out_of_range(c):
     bank.push(torch.randn(3, 3), torch.tensor([0, 1, 1]))
     with pytest.raises(ValueError, match=re.escape(f"c: expected an int class in [0, 2), got {c!r}")):
         bank.entries(c)
+
+
+# --------------------------------------------------------------------------- the stages' defaults and checks
+def test_stages_check_their_counts_naming_the_keyword():
+    cases = [(lambda: PixelSampler(0), "num_classes: expected an int >= 1, got 0"),
+             (lambda: PixelSampler(2, max_per_class=0), "max_samples_per_class: expected an int >= 1, got 0"),
+             (lambda: BankPolicy(push_per_class=0), "bank_push_per_class: expected an int >= 1, got 0")]
+    for make, msg in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+            make()
+
+
+def test_sampler_defaults_take_512_pixels_per_class_and_do_not_gather(monkeypatch):
+    monkeypatch.setattr(tdist, "is_distributed", lambda: True)  # a process group exists
+    sampler = PixelSampler(2)
+    assert not sampler.distributed  # gathering is opt-in
+    labels = torch.tensor([[[0, 1, 1], [0, -100, 1]]])
+    s = sampler(torch.zeros(1, 3, 2, 3), labels, generator=torch.Generator().manual_seed(0))
+    assert s.features.shape == (2, 512, 3) and s.valid.sum(1).tolist() == [2, 3]
+
+
+def test_term_default_temperature_is_0_4_in_eq10():
+    g = torch.Generator().manual_seed(0)
+    anchors, centers, negatives = torch.randn(2, 3, 4, generator=g), torch.randn(2, 4, generator=g), torch.randn(
+        2, 5, 4, generator=g)
+    loss, _ = SoftContrastiveTerm(weighting="none", reduction="sum")(
+        anchors, torch.ones(2, 3, dtype=torch.bool), centers, negatives)
+    a, c, p = (torch.nn.functional.normalize(x.double(), dim=-1) for x in (anchors, centers, negatives))
+    pos = (a * c.unsqueeze(1)).sum(-1) / 0.4  # (C, Q)
+    neg = torch.logsumexp(torch.einsum("cqd,cpd->cqp", a, p) / 0.4, dim=-1)
+    assert torch.allclose(loss.double(), (neg - pos).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_bank_policy_defaults_push_64_pixels_per_class_when_training():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 70, 3, generator=g)
+    sample = Sample(feats, torch.ones(2, 70, dtype=torch.bool), torch.nn.functional.normalize(feats, dim=-1))
+    bank = ClassMemoryBank(2, 3, size=100)
+    BankPolicy(source="pixel").update(bank, sample, torch.rand(2, 70, generator=g))  # training by default
+    assert bank.count.tolist() == [64, 64]
+
+
+# --------------------------------------------------------------------------- masked_mean
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["float32", "float64", "float16", "bfloat16"])
+def test_masked_mean_is_the_mean_of_the_valid_rows_in_the_inputs_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 5, 3, generator=g) * 3).to(dtype)
+    valid = torch.tensor([[True, False, True, True, False],  # three rows
+                          [False, False, True, False, False],  # one row: the mean is that row
+                          [False] * 5,  # none: zeros, not valid
+                          [True] * 5])
+    mean, any_valid = masked_mean(x, valid)
+    assert mean.dtype == dtype and mean.shape == (4, 3)
+    assert any_valid.tolist() == [True, True, False, True]
+    want = torch.stack([x[c][valid[c]].double().mean(0) if valid[c].any() else torch.zeros(3, dtype=torch.float64)
+                        for c in range(4)])
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 3e-2
+    assert torch.allclose(mean.double(), want, rtol=tol, atol=tol)
+    assert torch.equal(mean[1], x[1, 2])
+
+
+# --------------------------------------------------------------------------- PixelSampler options
+def test_sampler_without_ignore_index_samples_every_label_in_range():
+    labels = torch.tensor([[[0, 1, -100, 2], [5, 1, 1, 0]]])  # -100 and 5 lie outside [0, 3)
+    emb = torch.zeros(1, 2, 2, 4)
+    for ignore_index, counts in [(None, [2, 3, 1]), (1, [2, 0, 1]), (-100, [2, 3, 1])]:
+        s = PixelSampler(3, max_per_class=4, ignore_index=ignore_index)(
+            emb, labels, generator=torch.Generator().manual_seed(0))
+        assert s.valid.sum(1).tolist() == counts
+
+
+def test_sampler_head_prototypes_threshold_the_pool_at_each_sampled_pixel():
+    """Eq. 2 from the sampled pixels with a probability map: ``T_n`` is ``pool > threshold``
+    (0.5 by default, strict), at every sampled pixel of the image, whatever its label."""
+    g = torch.Generator().manual_seed(0)
+    n, f, h, w, c = 2, 3, 3, 4, 2  # N != F
+    emb = torch.randn(n, f, h, w, generator=g)
+    labels = torch.randint(0, c, (n, h, w), generator=g)
+    labels[0, 0, 0] = -100  # not sampled
+    pool = torch.tensor([0.0, 0.5, 0.9])[torch.randint(0, 3, (n, c, h, w), generator=g)]
+    pool[0, 0, 0, 1] = pool[0, 1, 2, 3] = 0.5  # a value at the threshold is not in T_n
+    pool[1, 0] = 0.9  # class 0 of image 1: every pixel
+    pool[1, 1] = 0.0  # class 1 of image 1: none
+    head = torch.nn.Linear(f, 4)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(4, f, generator=g))
+        head.bias.copy_(torch.randn(4, generator=g))
+    sampler = PixelSampler(c, max_per_class=h * w * n)  # every labelled pixel is sampled
+    for threshold, kwargs in [(0.5, {}), (0.2, {"threshold": 0.2})]:
+        s = sampler(emb, labels, head=head, pool=pool, generator=torch.Generator().manual_seed(1), **kwargs)
+        assert s.prototypes.shape == (c, n, 4) and s.prototypes_valid.shape == (c, n)
+        for k in range(c):
+            for i in range(n):
+                rows = [head(emb[i, :, y, x]).double() for y in range(h) for x in range(w)
+                        if labels[i, y, x] >= 0 and pool[i, k, y, x] > threshold]
+                assert bool(s.prototypes_valid[k, i]) == bool(rows)
+                if rows:
+                    assert torch.allclose(s.prototypes[k, i].double(), sum(rows) / len(rows), atol=1e-5)
+        assert s.prototypes_valid[0, 1] and not s.prototypes_valid[1, 1]
+
+
+# --------------------------------------------------------------------------- devices
+def test_sampler_and_bank_policy_stay_on_the_inputs_device_under_another_default_device():
+    """Every tensor the stages make is made on their inputs' device: a default device set
+    elsewhere (``torch.set_default_device``) changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 3, 3, 4, generator=g)
+    labels = torch.randint(0, 2, (2, 3, 4), generator=g)
+    head = torch.nn.Linear(3, 4)
+    sampler = PixelSampler(2, max_per_class=8)
+    want = sampler(emb, labels, head=head, pool=torch.empty(0), generator=torch.Generator().manual_seed(1))
+    with torch.device("meta"):
+        got = sampler(emb, labels, head=head, pool=torch.empty(0, device="cpu"),
+                      generator=torch.Generator().manual_seed(1))
+    for a, b in zip(want, got):
+        assert b.device.type == "cpu" and torch.equal(a, b)
+
+    density, proto_density = torch.rand(2, 8, generator=g), torch.rand(2, 2, generator=g)
+    for source in ("pixel", "prototype"):
+        banks = [ClassMemoryBank(2, 4, size=6) for _ in range(2)]
+        policy = BankPolicy(source=source, push_per_class=3)
+        policy.update(banks[0], want, density, proto_density, generator=torch.Generator().manual_seed(2))
+        with torch.device("meta"):
+            policy.update(banks[1], want, density, proto_density, generator=torch.Generator().manual_seed(2))
+        assert banks[1].count.tolist() == banks[0].count.tolist() != [0, 0]
+        assert torch.equal(banks[1].features, banks[0].features) and torch.equal(banks[1].density, banks[0].density)

@@ -114,6 +114,7 @@ def check_labels(
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor (torch.long), got dtype {labels.dtype}")
     if check_values and labels.numel() > 0:
+        labels = labels.long()  # in int64: a bound compared with uint8 / int8 labels wraps (300 -> 44 in uint8)
         bad = (labels < 0) | (labels >= num_classes)
         if ignore_index is not None:
             bad &= labels != ignore_index

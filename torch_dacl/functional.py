@@ -81,7 +81,8 @@ def masked_average_pool(
     Returns:
         ``(prototypes, valid)``: prototypes ``(N, C, D)`` float32, where an empty mask gives
         a zero prototype, and ``valid (N, C)`` bool, False where the mask is empty.
-        Gradients flow to ``features``.
+        Gradients flow to ``features``. An empty batch (``N = 0``) gives ``(0, C, D)`` and
+        ``(0, C)``; a zero-size image (a spatial size 0) gives zero prototypes, all invalid.
 
     Example:
         >>> feats = torch.randn(2, 8, 16, 16)
@@ -101,9 +102,10 @@ def masked_average_pool(
         )
     n, d = features.shape[:2]
     c = probs.shape[1]
+    p = math.prod(features.shape[2:])  # not -1: ambiguous on an empty batch (N = 0)
     with _float32(features.device):
-        mask = (probs.reshape(n, c, -1) > threshold).to(torch.float32)
-        sums = torch.einsum("ncp,ndp->ncd", mask, features.reshape(n, d, -1).to(torch.float32))
+        mask = (probs.reshape(n, c, p) > threshold).to(torch.float32)
+        sums = torch.einsum("ncp,ndp->ncd", mask, features.reshape(n, d, p).to(torch.float32))
         counts = mask.sum(-1)
     prototypes = sums / counts.clamp_min(1.0).unsqueeze(-1)
     return prototypes, counts > 0
@@ -858,7 +860,8 @@ def cross_pseudo_supervision_loss(
         mask: optional ``(N, *S)`` bool, pixels that take part (e.g. a confidence mask).
 
     Returns:
-        Scalar float32 loss; 0 connected to the graph when the mask is empty.
+        Scalar float32 loss; 0 connected to the graph when the mask is empty, and on an empty
+        batch (``N = 0``) or a zero-size image.
 
     Example:
         >>> logits_a = torch.randn(2, 4, 8, 8, requires_grad=True)
@@ -879,6 +882,8 @@ def cross_pseudo_supervision_loss(
     ce_a = F.cross_entropy(logits_a.float(), pl_b, reduction="none")
     ce_b = F.cross_entropy(logits_b.float(), pl_a, reduction="none")
     if mask is None:
+        if ce_a.numel() == 0:  # an empty batch or a zero-size image: 0 connected to the graph, not NaN
+            return ce_a.sum() + ce_b.sum()
         return ce_a.mean() + ce_b.mean()
     if mask.shape != ce_a.shape:
         raise ValueError(f"mask: expected shape {tuple(ce_a.shape)}, got {tuple(mask.shape)}")

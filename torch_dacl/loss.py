@@ -71,9 +71,10 @@ class DACLDetails(NamedTuple):
 
     def per_class(self) -> dict:
         """Per-class ``(C,)`` summaries: sampled pixels, anchors, positives, overlap, mean
-        anchor / positive density, mean anchor-center cosine, bank fill (float tensors)."""
-        def mean(x, v):
-            v = v.to(x.dtype)
+        anchor / positive density, mean anchor-center cosine, bank fill (float tensors, float32 or
+        float64: the means of half-precision fields are taken in float32)."""
+        def mean(x, v):  # in at least float32, as the counts: a float16 count overflows at 65504
+            v = v.to(torch.promote_types(x.dtype, torch.float32))
             return (x * v).sum(1) / v.sum(1).clamp_min(1)
         out = {
             "sampled": self.sample_valid.sum(1).float(),
@@ -353,7 +354,11 @@ class SoftDensityContrastiveLoss(nn.Module):
             labels = labels.long()
         if self.validate:
             check_finite("embeddings", embeddings)
-        if labels.shape[1:] != spatial:
+        # nearest from or to a zero-size map is undefined (interpolate refuses it): no labelled pixel (-1 is no class)
+        empty = 0 in spatial or 0 in labels.shape[1:]
+        if labels.shape[1:] != spatial and empty:
+            labels = labels.new_full((n, *spatial), -1)
+        elif labels.shape[1:] != spatial:
             labels = F.interpolate(labels.unsqueeze(1).float(), size=spatial, mode="nearest").squeeze(1).long()
         if probs is not None:
             exp = (n, self.num_classes) + tuple(spatial)
@@ -361,8 +366,12 @@ class SoftDensityContrastiveLoss(nn.Module):
                 raise ValueError(f"probs: expected shape (N, C, *spatial) = ({n}, {self.num_classes}, *spatial) "
                                  f"with {len(spatial)} spatial dims (any size, resized to the embeddings' "
                                  f"{tuple(spatial)}), got {tuple(probs.shape)}")
-            if probs.shape[2:] != spatial:
-                probs = F.interpolate(probs.float(), size=spatial, mode="nearest")
+            # Eq. 2's p > phi in at least float32 (float64 kept), resized or not: nearest keeps the values
+            probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
+            if probs.shape[2:] != spatial and (empty or 0 in probs.shape[2:]):
+                probs = probs.new_zeros((n, self.num_classes, *spatial))  # zero-size: no mask (as the labels)
+            elif probs.shape[2:] != spatial:
+                probs = F.interpolate(probs, size=spatial, mode="nearest")
         return labels, probs
 
     # ------------------------------------------------------------------ forward
@@ -399,6 +408,11 @@ class SoftDensityContrastiveLoss(nn.Module):
         its pixels, and no prototype for an image whose class got no sampled pixel. This is
         a deviation from Eq. 2, which averages every pixel (docs: Design decisions). Not with
         ``anchor_mode="class"`` (its anchors take gradient through the dense prototypes).
+
+        **Empty input.** An empty batch (``N = 0``) or a zero-size image (a spatial size 0, of the
+        embeddings or of the labels) has no labelled pixel: the loss is exactly 0, connected to
+        the embeddings (a zero gradient of their shape), the details have their usual shapes
+        (nothing valid, nothing contributing) and the bank is left as it was.
 
         Returns:
             The scalar loss, or a :class:`DACLDetails` when ``return_details``.
@@ -459,12 +473,16 @@ def _densities(losses, batches, memories):
     """``[(density, prototype density)]`` of each loss's sample against its memory (Eq. 3-5), in
     one grouped call: the groups of every loss side by side (``len * C`` groups, one batched
     matmul and one top-k), which gives each group what its own call gives. The losses share
-    one :meth:`SoftDensityContrastiveLoss._signature`, so their shapes agree."""
+    one :meth:`SoftDensityContrastiveLoss._signature`, so their shapes agree, except the per-image
+    prototypes of batches of different sizes (those get one call each)."""
     def grouped(feats, valids, banks, bank_valids):  # (losses of one signature: their shapes agree)
         ks, precision = losses[0].density.ks, losses[0].density.precision
         if len(feats) == 1:
             return [DF.knn_density_grouped(feats[0], valids[0], ks, banks[0], bank_valids[0], precision=precision,
                                            validate_args=False)]
+        if len({f.shape for f in feats}) > 1:  # per-image prototypes (C, N, D) of batches of different sizes
+            return [DF.knn_density_grouped(f, v, ks, b, bv, precision=precision, validate_args=False)
+                    for f, v, b, bv in zip(feats, valids, banks, bank_valids)]
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
         out = DF.knn_density_grouped(cat(feats), cat(valids), ks, cat(banks), cat(bank_valids), precision=precision,
                                      validate_args=False)
