@@ -122,6 +122,103 @@ def test_empty_bank_density_and_loss_are_defined():
     assert torch.all(d == -1)
 
 
+def _filled(loss_fn, spatial):
+    """``loss_fn`` after one ordinary step (its bank holds entries), and a copy of its bank's state."""
+    loss_fn(torch.randn(2, 8, *[4] * len(spatial)), torch.randint(0, 3, (2, *[4] * len(spatial))))
+    assert loss_fn.bank.is_empty() != loss_fn.use_bank
+    return {k: v.clone() for k, v in loss_fn.bank.state_dict().items()}
+
+
+def _assert_empty_result(loss_fn, bank_before, emb, out, anchors_per_class):
+    """Exact zero, finite, connected (zero gradient of emb's shape), empty details, bank unchanged."""
+    assert out.loss.item() == 0.0 and torch.isfinite(out.loss) and out.loss.requires_grad
+    out.loss.backward()
+    assert emb.grad is not None and emb.grad.shape == emb.shape and torch.all(emb.grad == 0)
+    c, s = 3, loss_fn.max_samples_per_class
+    assert out.density.shape == out.sample_valid.shape == (c, s) and not out.sample_valid.any()
+    assert out.anchor_valid.shape == out.anchor_density.shape == (c, anchors_per_class)
+    assert not out.anchor_valid.any() and not out.contributing.any() and int(out.num_contributing) == 0
+    assert not out.positive_valid.any() and torch.all(out.overlap == 0)
+    for field in out:
+        assert field is not None and torch.isfinite(field.float()).all()
+    for v in out.per_class().values():
+        assert v.shape == (c,) and torch.isfinite(v).all()
+    assert all(torch.equal(bank_before[k], v) for k, v in loss_fn.bank.state_dict().items())
+
+
+# (N, *spatial) of the embeddings: an empty batch or a zero-size image, 2D and 3D
+EMPTY_SHAPES = [(0, 4, 4), (2, 0, 4), (2, 4, 0), (0, 2, 4, 4), (2, 0, 4, 4), (2, 2, 4, 0)]
+
+
+@pytest.mark.parametrize("with_probs", [False, True])
+@pytest.mark.parametrize("opts", [{}, {"anchor_mode": "class"}, {"use_bank": False}, {"bank_source": "pixel"}])
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+def test_empty_batch_or_zero_size_image_gives_exact_zero(shape, opts, with_probs):
+    """N = 0 or a spatial size 0 (crashed: masked_average_pool's reshape(n, d, -1), gather_points'
+    index % 0): loss exactly 0 with a zero gradient, finite empty details, the bank unchanged."""
+    torch.manual_seed(0)
+    loss_fn = small(seed=0, **opts)
+    before = _filled(loss_fn, shape[1:])
+    emb = torch.randn(shape[0], 8, *shape[1:], requires_grad=True)
+    probs = torch.rand(shape[0], 3, *shape[1:]) if with_probs else None
+    out = loss_fn(emb, torch.zeros(shape, dtype=torch.long), probs=probs, return_details=True)
+    # class anchors are per-image prototypes: min(num_anchors, N) of them
+    q = min(8, shape[0]) if opts.get("anchor_mode") == "class" else 8
+    _assert_empty_result(loss_fn, before, emb, out, q)
+
+
+@pytest.mark.parametrize("with_probs", [False, True])
+@pytest.mark.parametrize("shape", EMPTY_SHAPES)
+def test_empty_batch_or_zero_size_image_with_sparse_head_gives_exact_zero(shape, with_probs):
+    torch.manual_seed(0)
+    loss_fn = small(seed=0)
+    before = _filled(loss_fn, shape[1:])
+    head = ProjectionHead(5, 8, spatial_dims=len(shape) - 1)
+    feats = torch.randn(shape[0], 5, *shape[1:], requires_grad=True)
+    probs = torch.rand(shape[0], 3, *shape[1:]) if with_probs else None
+    out = loss_fn(feats, torch.zeros(shape, dtype=torch.long), probs=probs, return_details=True, head=head)
+    _assert_empty_result(loss_fn, before, feats, out, 8)
+    assert all(torch.isfinite(b).all() for b in head.buffers())
+
+
+@pytest.mark.parametrize("emb_hw, label_hw", [((0, 4), (8, 8)), ((4, 4), (0, 8)), ((4, 0), (4, 8))])
+def test_zero_size_labels_or_embeddings_at_another_resolution_give_exact_zero(emb_hw, label_hw):
+    """Labels (and probs) are resized to the embeddings; from or to a zero-size map there is no
+    labelled pixel (interpolate refused it)."""
+    loss_fn = small(seed=0)
+    before = _filled(loss_fn, emb_hw)
+    emb = torch.randn(2, 8, *emb_hw, requires_grad=True)
+    out = loss_fn(emb, torch.zeros(2, *label_hw, dtype=torch.long), probs=torch.rand(2, 3, *label_hw),
+                  return_details=True)
+    _assert_empty_result(loss_fn, before, emb, out, 8)
+
+
+@pytest.mark.parametrize("spatial", [(4, 4), (2, 4, 4)])
+def test_functional_core_on_an_empty_batch_or_zero_size_image(spatial):
+    from torch_dacl.stages import gather_points
+    feats = torch.randn(0, 8, *spatial, requires_grad=True)
+    protos, valid = DF.masked_average_pool(feats, torch.rand(0, 3, *spatial), 0.5)
+    assert protos.shape == (0, 3, 8) and valid.shape == (0, 3)
+    flat = torch.randn(2, 8, 0, *spatial[1:], requires_grad=True)  # a zero-size image
+    protos, valid = DF.masked_average_pool(flat, torch.rand(2, 3, 0, *spatial[1:]), 0.5)
+    assert protos.shape == (2, 3, 8) and torch.all(protos == 0) and not valid.any()
+    protos.sum().backward()
+    assert flat.grad.shape == flat.shape
+    for x in (feats, flat):  # an empty map: every index reads a zero vector, zero gradient back
+        x.grad = None
+        got = gather_points(x, torch.zeros(3, 5, dtype=torch.long))
+        assert got.shape == (3, 5, 8) and torch.all(got == 0)
+        got.sum().backward()
+        assert x.grad.shape == x.shape
+    assert DF.knn_density(torch.randn(0, 8), torch.zeros(0, dtype=torch.long), (2, 4)).shape == (0,)
+    anchors = torch.randn(0, 8, requires_grad=True)
+    loss = DF.soft_density_contrastive_loss(anchors, torch.zeros(0, dtype=torch.long), torch.randn(3, 8),
+                                            torch.randn(3, 5, 8))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert anchors.grad.shape == (0, 8)
+
+
 # --------------------------------------------------------------------------- options
 @pytest.mark.parametrize("spatial", [(6, 6), (2, 4, 4)])
 @pytest.mark.parametrize(

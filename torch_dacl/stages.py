@@ -133,7 +133,15 @@ def gather_points(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     gradient contiguous in the indexed tensor's shape, so a channels-last ``x`` is indexed as
     ``(N, *S, D)`` and any other as ``(N, D, *S)``, and the gradient comes back in ``x``'s own
     layout (the other way it costs a strided copy of the whole map, several times the gather).
+
+    A map without pixels (``N = 0`` or a spatial size 0) has no position to read: every index
+    then reads a zero vector connected to ``x``'s graph (a zero gradient of ``x``'s shape), as
+    the padded entries of an empty :func:`~torch_dacl.functional.group_by_label` table expect.
     """
+    if x.shape[0] == 0 or 0 in x.shape[2:]:  # static shapes: no host sync
+        # the sum over the empty dims is a (1, D, 1, ...) zero pixel that backpropagates into x
+        x = x.sum(dim=(0, *range(2, x.dim())), keepdim=True)
+        index = torch.zeros_like(index)
     coords, rest = [], index
     for size in reversed(tuple(x.shape[2:])):  # the spatial dims, last first (2 or 3 of them)
         coords.append(rest % size)
@@ -164,8 +172,11 @@ def sampled_prototypes(features: torch.Tensor, valid: torch.Tensor, image: torch
     m, d = features.shape
     c = masks.shape[1]
     w = (masks & valid.unsqueeze(1)).to(features.dtype)  # (M, C)
-    sums = features.new_zeros(num_images, c, d).index_add_(0, image, w.unsqueeze(-1) * features.unsqueeze(1))
-    counts = features.new_zeros(num_images, c).index_add_(0, image, w)
+    # at least one image row: with num_images = 0 (an empty batch) the padded rows' image 0 has
+    # somewhere to go (their weight is 0); the extra row is dropped
+    rows = max(num_images, 1)
+    sums = features.new_zeros(rows, c, d).index_add_(0, image, w.unsqueeze(-1) * features.unsqueeze(1))[:num_images]
+    counts = features.new_zeros(rows, c).index_add_(0, image, w)[:num_images]
     protos = sums / counts.clamp_min(1.0).unsqueeze(-1)
     return protos.transpose(0, 1), (counts > 0).transpose(0, 1)
 
@@ -338,7 +349,7 @@ class PixelSampler(nn.Module):
                 else:  # one-hot: a sampled pixel of group c has T_c set
                     masks = torch.eye(c, dtype=torch.bool, device=idx.device).repeat_interleave(s, 0)
                 prototypes, prototypes_valid = sampled_prototypes(
-                    feats.detach().reshape(c * s, -1), valid.reshape(-1), (idx // p).reshape(-1), masks, n)
+                    feats.detach().reshape(c * s, -1), valid.reshape(-1), (idx // max(p, 1)).reshape(-1), masks, n)
         if self.distributed:
             feats, valid, prototypes, prototypes_valid = self._gather(feats, valid, prototypes, prototypes_valid)
         unit = F.normalize(feats.detach().float(), dim=-1)
