@@ -311,3 +311,75 @@ def test_cps_of_an_empty_batch_or_zero_size_image_is_a_zero_connected_to_the_gra
     assert loss.dtype == torch.float32 and loss.shape == () and loss.item() == 0.0
     loss.backward()
     assert a.grad.shape == a.shape and b.grad.shape == b.shape
+
+
+# ----------------------------------------------------------------------------- review of the f7d386b run (2)
+def test_reduce_terms_takes_the_mean_over_the_contributing_anchors_by_default():
+    terms = torch.tensor([[1.0, 3.0, 0.0]], requires_grad=True)
+    contributing = torch.tensor([[True, True, False]])
+    out = DF.reduce_terms(terms, contributing)
+    assert out.shape == () and out.item() == 2.0
+    assert torch.equal(out, DF.reduce_terms(terms, contributing, "mean"))
+
+
+def test_topk_padding_pads_cpu_rows_wider_than_half_the_switch_width_up_to_it():
+    # the switch of ATen's CPU top-k is at 64 * k columns; rows in (switch / 2, switch) are
+    # padded up to the switch, others (and other devices, and k = 0) are not
+    cpu = torch.device("cpu")
+    assert DF._topk_padding(40, 1, cpu) == 24  # k = 1: switch 64
+    assert DF._topk_padding(33, 1, cpu) == 31
+    assert DF._topk_padding(32, 1, cpu) == 0  # exactly half the switch: not wider than it
+    assert DF._topk_padding(64, 1, cpu) == 0 and DF._topk_padding(100, 1, cpu) == 0
+    assert DF._topk_padding(1500, 32, cpu) == 2048 - 1500
+    assert DF._topk_padding(1024, 32, cpu) == 0
+    assert DF._topk_padding(40, 0, cpu) == 0
+    assert DF._topk_padding(40, 1, torch.device("meta")) == 0
+
+
+def test_grouped_functions_under_another_default_device():
+    # every tensor is made on the inputs' device: a default device elsewhere changes nothing
+    g = torch.Generator().manual_seed(5)
+    feats, bank = torch.randn(2, 5, 4, generator=g), torch.randn(2, 7, 4, generator=g)
+    valid = torch.tensor([[True, True, True, False, True], [True, False, False, False, False]])
+    ref = DF.knn_density_grouped(feats, valid, (1, 3), bank)
+    anchors = torch.randn(3, 4, 5, generator=g)
+    anchors_valid = torch.rand(3, 4, generator=g) > 0.3
+    centers, negatives = torch.randn(3, 5, generator=g), torch.randn(3, 6, 5, generator=g)
+    ref_terms, ref_contributing = DF.soft_density_contrastive_loss_grouped(anchors, anchors_valid, centers, negatives)
+    with torch.device("meta"):
+        dens = DF.knn_density_grouped(feats, valid, (1, 3), bank)
+        terms, contributing = DF.soft_density_contrastive_loss_grouped(anchors, anchors_valid, centers, negatives)
+    assert dens.device.type == terms.device.type == contributing.device.type == "cpu"
+    assert torch.equal(dens, ref)
+    assert torch.equal(terms, ref_terms) and torch.equal(contributing, ref_contributing)
+
+
+@pytest.mark.parametrize("weighting", ["paper", "scale", "none"])
+def test_contrastive_loss_grouped_is_float32_under_a_float64_default_dtype(weighting):
+    g = torch.Generator().manual_seed(6)
+    anchors = torch.randn(3, 4, 5, generator=g)
+    anchors_valid = torch.rand(3, 4, generator=g) > 0.3
+    args = (anchors, anchors_valid, torch.randn(3, 5, generator=g), torch.randn(3, 6, 5, generator=g))
+    ref = DF.soft_density_contrastive_loss_grouped(*args, weighting=weighting)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        terms, contributing = DF.soft_density_contrastive_loss_grouped(*args, weighting=weighting)
+    finally:
+        torch.set_default_dtype(before)
+    assert terms.dtype == torch.float32
+    assert torch.equal(terms, ref[0]) and torch.equal(contributing, ref[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.long, torch.float32])
+def test_contrastive_loss_grouped_takes_integer_and_float_validity_masks_as_bool(dtype):
+    g = torch.Generator().manual_seed(7)
+    anchors = torch.randn(3, 4, 5, generator=g)
+    anchors_valid = torch.rand(3, 4, generator=g) > 0.3
+    negatives_valid = torch.tensor([[True] * 6, [True, False] * 3, [False] * 6])
+    args = (anchors, anchors_valid, torch.randn(3, 5, generator=g), torch.randn(3, 6, 5, generator=g))
+    ref = DF.soft_density_contrastive_loss_grouped(*args, negatives_valid)
+    assert ref[1][:2].any() and not ref[1][2].any()  # the masks matter
+    got = DF.soft_density_contrastive_loss_grouped(anchors, anchors_valid.to(dtype), *args[2:],
+                                                   negatives_valid.to(dtype))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
