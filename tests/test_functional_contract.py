@@ -383,3 +383,86 @@ def test_contrastive_loss_grouped_takes_integer_and_float_validity_masks_as_bool
     got = DF.soft_density_contrastive_loss_grouped(anchors, anchors_valid.to(dtype), *args[2:],
                                                    negatives_valid.to(dtype))
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+# ----------------------------------------------------------------------------- review of the f7d386b run (3)
+def test_float32_context_disables_autocast_on_every_autocast_device_type():
+    # "similarities and top-k run in float32 with autocast disabled": inside a user's autocast
+    # region on cuda, cpu, xpu or mps the library's matmuls leave it (the flag is thread-local,
+    # so it can be set without the device)
+    for kind in ("cuda", "cpu", "xpu", "mps"):
+        before = torch.is_autocast_enabled(kind)
+        torch.set_autocast_enabled(kind, True)
+        try:
+            with DF._float32(torch.device(kind)):
+                assert not torch.is_autocast_enabled(kind), kind
+            assert torch.is_autocast_enabled(kind)
+        finally:
+            torch.set_autocast_enabled(kind, before)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_group_by_label_under_another_default_device(shuffle):
+    # every tensor is made on the labels' device: a default device elsewhere changes nothing
+    labels = torch.arange(30) % 4
+    valid = torch.arange(30) % 5 != 0
+    ref = DF.group_by_label(labels, 3, 6, valid, shuffle, torch.Generator().manual_seed(8))
+    with torch.device("meta"):
+        got = DF.group_by_label(labels, 3, 6, valid, shuffle, torch.Generator().manual_seed(8))
+    assert got[0].device.type == got[1].device.type == "cpu"
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_group_by_label_keeps_the_first_members_in_input_order_for_long_inputs():
+    # 300 positions in 3 classes (beyond any small-input sort that happens to be stable)
+    labels = torch.randint(0, 3, (300,), generator=torch.Generator().manual_seed(9))
+    index, mask = DF.group_by_label(labels, 3, 40)
+    for c in range(3):
+        members = (labels == c).nonzero().flatten()
+        assert index[c].tolist() == members[:40].tolist() and mask[c].all()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.long, torch.float32])
+def test_group_by_label_takes_integer_and_float_valid_masks_as_bool(dtype):
+    labels = torch.arange(12) % 3
+    valid = torch.tensor([True, False, True] * 4)
+    ref = DF.group_by_label(labels, 3, 5, valid)
+    got = DF.group_by_label(labels, 3, 5, valid.to(dtype))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_group_by_label_reads_narrow_label_dtypes_with_more_classes_than_they_hold(shuffle):
+    # 300 classes and uint8 labels: the positions left out must not land in a real class
+    labels = torch.tensor([0, 44, 255, 44, 7, 255, 44], dtype=torch.uint8)
+    valid = torch.tensor([True, True, False, False, True, True, True])
+    ref = DF.group_by_label(labels.long(), 300, 4, valid, shuffle, torch.Generator().manual_seed(1))
+    got = DF.group_by_label(labels, 300, 4, valid, shuffle, torch.Generator().manual_seed(1))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert got[1].sum().item() == 5 and got[1][44].sum().item() == 2
+
+
+def test_sample_pixels_per_class_does_not_wrap_a_negative_ignore_index_into_narrow_labels():
+    # uint8 labels of 200 classes with the default-style ignore_index -100: class 156 is a real
+    # class (-100 is 156 in uint8), and no pixel can equal -100
+    labels = torch.tensor([[156, 156, 3, 0]], dtype=torch.uint8)
+    index, mask = DF.sample_pixels_per_class(labels, 200, 4, ignore_index=-100)
+    assert mask.sum(1).nonzero().flatten().tolist() == [0, 3, 156] and mask[156].sum().item() == 2
+    assert sorted(index[156][mask[156]].tolist()) == [0, 1]
+
+
+@pytest.mark.parametrize("num_classes", [4, 100, 200])
+def test_group_by_label_shuffles_by_the_documented_random_keys_of_the_generator(num_classes):
+    # shuffle draws one key per position from the generator, 31 - C.bit_length() bits below 128
+    # classes, 31 above, and takes each class's members by increasing key
+    m = 64
+    labels = torch.arange(m) % 3
+    bits = 31 - num_classes.bit_length() if num_classes < 128 else 31
+    keys = torch.randint(0, 2 ** bits, (m,), generator=torch.Generator().manual_seed(2))
+    index, mask = DF.group_by_label(labels, num_classes, 8, shuffle=True, generator=torch.Generator().manual_seed(2))
+    for c in range(3):
+        members = (labels == c).nonzero().flatten()
+        assert keys[members].unique().numel() == members.numel()  # no tie: one order
+        expected = members[keys[members].argsort()][:8]
+        assert index[c].tolist() == expected.tolist() and mask[c].all()
+    assert not mask[3:].any()

@@ -398,3 +398,19 @@ def test_sampler_and_bank_policy_stay_on_the_inputs_device_under_another_default
             policy.update(banks[1], want, density, proto_density, generator=torch.Generator().manual_seed(2))
         assert banks[1].count.tolist() == banks[0].count.tolist() != [0, 0]
         assert torch.equal(banks[1].features, banks[0].features) and torch.equal(banks[1].density, banks[0].density)
+
+
+def test_a_negative_ignore_index_does_not_wrap_into_narrow_labels():
+    # uint8 labels compared with -100 in uint8 would read it as 156 and drop class 156
+    from torch_dacl.stages import one_hot_maps
+
+    labels = torch.tensor([[[0, 156], [199, 3]]])
+    hot8 = one_hot_maps(labels.to(torch.uint8), 200, ignore_index=-100)
+    assert torch.equal(hot8, one_hot_maps(labels, 200, ignore_index=-100))
+    assert hot8[0, 156, 0, 1] == 1.0 and hot8.sum() == 4
+    sampler = PixelSampler(200, max_per_class=4)
+    emb = torch.randn(1, 3, 2, 2)
+    s8 = sampler(emb, labels.to(torch.uint8), generator=torch.Generator().manual_seed(0))
+    s64 = sampler(emb, labels, generator=torch.Generator().manual_seed(0))
+    assert s8.valid[156].sum() == 1 and s8.valid.sum() == 4
+    assert torch.equal(s8.valid, s64.valid) and torch.equal(s8.features, s64.features)

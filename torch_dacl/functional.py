@@ -150,10 +150,11 @@ def group_by_label(
     labels = labels.reshape(-1)
     m = labels.numel()
     device = labels.device
-    keep = (labels >= 0) & (labels < num_classes)
+    wide = labels.long()  # a narrow dtype would wrap num_classes (uint8: 300 -> 44) in the comparison
+    keep = (wide >= 0) & (wide < num_classes)
     if valid is not None:
         keep &= valid.reshape(-1).to(torch.bool)
-    eff = torch.where(keep, labels.long(), torch.full_like(labels, num_classes, dtype=torch.long))
+    eff = torch.where(keep, wide, torch.full_like(labels, num_classes, dtype=torch.long))
     if shuffle:  # one sort of (class, random key): half the time of randperm + a stable sort
         # class and key packed in 31 bits (an int32 sort: half the time of an int64 one) while
         # that leaves the key 24 bits or more (up to 127 classes), else a 31-bit key in int64
@@ -205,7 +206,7 @@ def sample_pixels_per_class(
         [[True, False, False], [True, True, False]]
     """
     flat = labels.reshape(-1)
-    valid = None if ignore_index is None else flat != ignore_index
+    valid = None if ignore_index is None else flat.long() != ignore_index  # no wrap (uint8: -100 -> 156)
     return group_by_label(flat, num_classes, max_per_class, valid=valid, shuffle=True, generator=generator)
 
 

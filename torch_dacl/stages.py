@@ -199,8 +199,8 @@ def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[
     # then copy it channel-first
     cls = torch.arange(num_classes, device=labels.device).view((1, num_classes) + (1,) * (labels.dim() - 1))
     hot = labels.unsqueeze(1) == cls
-    if ignore_index is not None:
-        hot &= (labels != ignore_index).unsqueeze(1)
+    if ignore_index is not None:  # in int64: -100 compared with uint8 labels would wrap to 156
+        hot &= (labels.long() != ignore_index).unsqueeze(1)
     return hot.to(torch.float32)
 
 
@@ -333,7 +333,7 @@ class PixelSampler(nn.Module):
         """
         n = embeddings.shape[0]
         p = math.prod(embeddings.shape[2:])
-        flat = labels.reshape(-1)
+        flat = labels.reshape(-1).long()  # int64: an ignore_index of -100 would wrap against uint8 labels
         keep = None if self.ignore_index is None else flat != self.ignore_index
         idx, valid = DF.group_by_label(flat, self.num_classes, self.max_per_class, valid=keep, shuffle=True,
                                        generator=generator)
