@@ -53,7 +53,7 @@ TESTS = ["tests/test_functional.py", "tests/test_modules.py", "tests/test_proper
          "tests/test_objective_contract.py", "tests/test_stages_contract.py", "tests/test_messages_contract.py",
          "tests/test_cotraining_contract.py", "tests/test_loss_contract.py", "tests/test_functional_contract.py",
          "tests/test_device_contract.py", "tests/test_miner_stream_contract.py",
-         "tests/test_bank_contract.py"]
+         "tests/test_bank_contract.py", "tests/test_density_contract.py"]
 # functions that run only while the module is imported (loss._option builds class properties)
 IMPORT_TIME = r"\.x__option__mutmut_\d+$"
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-q", "--hypothesis-seed=0"]
