@@ -202,7 +202,9 @@ def mutant_diffs(copy: Path, names) -> dict:
         if orig is None or mut is None:
             out[name] = "?"
             continue
-        d = [x for x in difflib.unified_diff(orig[1:], mut[1:], lineterm="", n=0) if x[:1] in "-+" and x[:3] not in ("---", "+++")]
+        same_name = lambda b: [re.sub(r"__mutmut_(?:orig|\d+)\(", "(", b[0])] + b[1:]  # noqa: E731 (defaults sit on the def line)
+        d = [x for x in difflib.unified_diff(same_name(orig), same_name(mut), lineterm="", n=0)
+             if x[:1] in "-+" and x[:3] not in ("---", "+++")]
         out[name] = " => ".join(x[1:].strip() for x in d)[:300]
     return out
 
