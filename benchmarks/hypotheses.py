@@ -27,6 +27,11 @@ Usage::
     python benchmarks/hypotheses.py run --variants cps dacl --seeds 0 1     # missing runs (resumes)
     python benchmarks/hypotheses.py collect    # -> benchmarks/results/acdc_hypotheses.{json,md}
 
+A finished run's small files (``config.json``, ``val_history.json``, ``mechanism.json``) are
+copied to ``benchmarks/results/hypotheses_runs/<run>/`` (``--records``), to be committed: the
+run folders under ``runs/`` do not outlive the machine, the records do. ``run`` skips a run
+that has a record; ``collect`` reads the records and, for runs not recorded, ``runs/``.
+
 Runs of seed 0 of ``cps``, ``dacl`` and ``II`` also record the mechanism through training
 (``--mechanism-every 500``; ``benchmarks/mechanism_curves.py`` plots it). A variant *moves*
 when its mean score beats both baselines' by more than their larger seed spread (std); only
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +77,8 @@ BASELINES = {7: ("cps", "dacl"), 3: ("H1-long-cps", "H1-long-dacl")}
 COMMON = ["--preset", "cpu", "--val-volumes", "0", "--val-every", "500", "--no-test", "--threads", "1",
           "--no-progress"]
 LAST = 3  # the score: mean of the last three validations
+RECORDS = RESULTS / "hypotheses_runs"  # finished runs' small files, committed
+KEEP = ("config.json", "val_history.json", "mechanism.json")
 
 
 def run_dir(runs: Path, variant: str, seed: int) -> Path:
@@ -100,13 +108,26 @@ def score(hist: List[dict], steps: int) -> Optional[float]:
     return 100.0 * statistics.mean(h["mean_dice"] for h in hist[-LAST:])
 
 
+def keep(out: Path, records: Path) -> Path:
+    """Copy a finished run's small files (``KEEP``) to ``records/<run>/``."""
+    dest = records / out.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in KEEP:
+        if (out / name).is_file():
+            shutil.copy2(out / name, dest / name)
+    return dest
+
+
 def run(args) -> None:
     for variant in args.variants:
         for seed in args.seeds:
             out = run_dir(args.runs, variant, seed)
+            if (args.records / out.name / "val_history.json").is_file():
+                print(f"[skip] {out.name}: recorded in {args.records}")
+                continue
             h = history(out)
             if h is not None and h["finished"]:
-                print(f"[skip] {out.name}: finished")
+                print(f"[skip] {out.name}: finished; recorded in {keep(out, args.records)}")
                 continue
             cmd = [sys.executable, str(ROOT / "examples" / "acdc_cps_dacl.py"), *COMMON, *VARIANTS[variant]["flags"],
                    "--labeled", str(VARIANTS[variant]["patients"]), "--seed", str(seed), "--output-dir", str(out)]
@@ -117,7 +138,7 @@ def run(args) -> None:
             print("[run]", " ".join(cmd[1:]), flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True, cwd=ROOT)
-            print(f"[done] {out.name} in {time.time() - t0:.0f} s", flush=True)
+            print(f"[done] {out.name} in {time.time() - t0:.0f} s; recorded in {keep(out, args.records)}", flush=True)
 
 
 def _stat(xs: Sequence[float]) -> dict:
@@ -129,7 +150,10 @@ def collect(args) -> dict:
     rows = []
     for variant, spec in VARIANTS.items():
         per_seed, steps_done, commits = {}, {}, set()
-        for folder in sorted(args.runs.glob(f"acdc_cpu_{variant}_p{spec['patients']}_seed*")):
+        pattern = f"acdc_cpu_{variant}_p{spec['patients']}_seed*"
+        folders = {f.name: f for f in args.runs.glob(pattern)}
+        folders.update({f.name: f for f in args.records.glob(pattern)})  # a record wins over runs/
+        for _, folder in sorted(folders.items()):
             h = history(folder)
             if h is None:
                 continue
@@ -191,6 +215,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int_range(0), default=[0, 1])
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "hyp")
+    p.add_argument("--records", type=Path, default=RECORDS,
+                   help="finished runs' small files, committed (default benchmarks/results/hypotheses_runs)")
     p.add_argument("--out", type=Path, default=RESULTS / "acdc_hypotheses")
     args = p.parse_args(argv)
     if args.action == "run":

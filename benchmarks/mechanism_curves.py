@@ -15,6 +15,9 @@ Usage::
         runs/hyp/acdc_cpu_dacl_p7_seed0 --names CPS "II (plain contrastive)" DACL \\
         --out benchmarks/results/mechanism_training
 
+(or the finished runs' records, ``benchmarks/results/hypotheses_runs/<run>``, which
+``benchmarks/hypotheses.py`` keeps)
+
 Writes ``<out>/mechanism_training.json`` (the per-step values of every run, the command) and
 ``<out>/mechanism_training.png``; runs still going are plotted as far as they got.
 """

@@ -31,7 +31,8 @@ def test_scores_pairs_and_the_moves_rule(tmp_path):
         _run(runs, "dacl", seed, [0.5, 0.6, 0.7, d, d, d])
         _run(runs, "H5-constant", seed, [0.5, 0.6, 0.7, h - 0.01, h, h + 0.01])
     _run(runs, "H3-agree", 0, [0.5, 0.6, 0.7])  # not finished: no score, its progress shown
-    table = hypotheses.main(["collect", "--runs", str(runs), "--out", str(tmp_path / "out" / "hyp")])
+    table = hypotheses.main(["collect", "--runs", str(runs), "--records", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "out" / "hyp")])
     rows = {r["variant"]: r for r in table["rows"]}
     assert rows["cps"]["scores"] == {"0": pytest.approx(80.0), "1": pytest.approx(81.0)}
     assert rows["H5-constant"]["score"]["mean"] == pytest.approx(85.5)
@@ -42,6 +43,33 @@ def test_scores_pairs_and_the_moves_rule(tmp_path):
     md = (tmp_path / "out" / "hyp.md").read_text()
     assert "| H5: lambda_CL constant 0.5 after the warm-up | 7 | 85.50 ± 0.71 (2) |" in md
     assert "0: step 1500" in md and "abc1234" in md
+
+
+def test_finished_runs_are_recorded_and_a_record_wins_over_runs(tmp_path, monkeypatch):
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    _run(runs, "cps", 0, [0.5, 0.6, 0.7, 0.8, 0.8, 0.8])  # finished: recorded, not run again
+    (hypotheses.run_dir(runs, "cps", 0) / "last.pt").write_text("big")
+    (hypotheses.run_dir(runs, "cps", 0) / "mechanism.json").write_text('{"records": []}')
+    started = []
+    monkeypatch.setattr(hypotheses.subprocess, "run", lambda cmd, **kw: started.append(cmd))
+    hypotheses.main(["run", "--variants", "cps", "--seeds", "0", "--runs", str(runs), "--records", str(records)])
+    rec = records / "acdc_cpu_cps_p7_seed0"
+    assert started == [] and sorted(p.name for p in rec.iterdir()) == ["config.json", "mechanism.json",
+                                                                       "val_history.json"]
+    # the runs folder is gone (a new machine): the record still gives the score, and run skips it
+    import shutil
+
+    shutil.rmtree(runs)
+    hypotheses.main(["run", "--variants", "cps", "--seeds", "0", "--runs", str(runs), "--records", str(records)])
+    assert started == []
+    table = hypotheses.main(["collect", "--runs", str(runs), "--records", str(records),
+                             "--out", str(tmp_path / "out" / "hyp")])
+    assert {r["variant"]: r for r in table["rows"]}["cps"]["scores"] == {"0": pytest.approx(80.0)}
+    # a record wins over an unfinished folder of the same run
+    _run(runs, "cps", 0, [0.1])
+    table = hypotheses.main(["collect", "--runs", str(runs), "--records", str(records),
+                             "--out", str(tmp_path / "out" / "hyp")])
+    assert {r["variant"]: r for r in table["rows"]}["cps"]["scores"] == {"0": pytest.approx(80.0)}
 
 
 def test_mechanism_curves_writes_json_and_figure(tmp_path):
