@@ -365,3 +365,17 @@ class NaiveDACL:
                         "the module pushes pixels in random order: an overflow would drop a random subset"
                 self.bank[n].extend(new)
         return loss, k
+
+
+def naive_mix(*values: int) -> int:
+    """The random stream's seed of ``values``: splitmix64's finaliser folded over them, as a
+    non-negative 63-bit int (``torch_dacl.stages._mix``), one value at a time."""
+    def finaliser(z: int) -> int:
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+        return z ^ (z >> 31)
+
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = finaliser(h ^ (v % 2**64))
+    return h // 2

@@ -22,21 +22,9 @@ import torch.nn.functional as F
 
 import torch_dacl.distributed as tdist
 from torch_dacl.stages import AnchorKeyMiner, Memory, RandomStream, Sample
+from naive import naive_mix
 
 META = torch.device("meta")
-
-
-def splitmix64_finaliser(z):
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
-    return z ^ (z >> 31)
-
-
-def naive_mix(*values):
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = splitmix64_finaliser(h ^ (v % 2**64))
-    return h // 2
 
 
 def make_sample(c, s, d, n=None, seed=0, valid=None, device=None):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torch_dacl.distributed as tdist
+from naive import naive_mix
 from torch_dacl import ClassMemoryBank
 from torch_dacl.stages import (BankPolicy, PixelSampler, RandomStream, Sample, SoftContrastiveTerm, _mix, count_shared,
                                masked_mean, sampled_prototypes, split_by_rank)
@@ -192,19 +193,6 @@ def test_ranking_helpers_run_on_the_inputs_device():
 
 
 # --------------------------------------------------------------------------- the random stream
-def splitmix64_finaliser(z):
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
-    return z ^ (z >> 31)
-
-
-def naive_mix(*values):
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = splitmix64_finaliser(h ^ (v % 2**64))
-    return h // 2
-
-
 def test_mix_is_the_splitmix64_finaliser():
     # known answer: the first output of splitmix64 seeded with 0 is 0xE220A8397B1DCDAF
     assert _mix(0) == 0xE220A8397B1DCDAF >> 1

@@ -205,8 +205,8 @@ def sample_pixels_per_class(
         >>> mask.tolist()
         [[True, False, False], [True, True, False]]
     """
-    flat = labels.reshape(-1)
-    valid = None if ignore_index is None else flat.long() != ignore_index  # no wrap (uint8: -100 -> 156)
+    flat = labels.reshape(-1).long()  # int64: -100 compared with uint8 labels would wrap to 156
+    valid = None if ignore_index is None else flat != ignore_index
     return group_by_label(flat, num_classes, max_per_class, valid=valid, shuffle=True, generator=generator)
 
 

@@ -355,8 +355,7 @@ class SoftDensityContrastiveLoss(nn.Module):
         if self.validate:
             check_finite("embeddings", embeddings)
         # nearest from or to a zero-size map is undefined (interpolate refuses it): no labelled pixel (-1 is no class)
-        empty = 0 in spatial or 0 in labels.shape[1:]
-        if labels.shape[1:] != spatial and empty:
+        if labels.shape[1:] != spatial and 0 in spatial + labels.shape[1:]:
             labels = labels.new_full((n, *spatial), -1)
         elif labels.shape[1:] != spatial:
             labels = F.interpolate(labels.unsqueeze(1).float(), size=spatial, mode="nearest").squeeze(1).long()
@@ -368,7 +367,7 @@ class SoftDensityContrastiveLoss(nn.Module):
                                  f"{tuple(spatial)}), got {tuple(probs.shape)}")
             # Eq. 2's p > phi in at least float32 (float64 kept), resized or not: nearest keeps the values
             probs = probs.to(torch.promote_types(probs.dtype, torch.float32))
-            if probs.shape[2:] != spatial and (empty or 0 in probs.shape[2:]):
+            if probs.shape[2:] != spatial and 0 in spatial + probs.shape[2:]:
                 probs = probs.new_zeros((n, self.num_classes, *spatial))  # zero-size: no mask (as the labels)
             elif probs.shape[2:] != spatial:
                 probs = F.interpolate(probs, size=spatial, mode="nearest")
