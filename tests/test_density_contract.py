@@ -119,7 +119,7 @@ def test_similarity_chunks_hold_as_many_queries_as_chunk_elements_allows():
     # similarities: at most chunk_elements, and never less than one query a chunk
     feats, valid, bank, bank_valid = _groups(6, c=3, s=40, L=17, d=8)
     c, s, width = 3, 40, 57
-    assert DF._topk_padding(width, 9, torch.device("cpu")) == 0
+    assert DF._topk_plan(width, 9, torch.device("cpu")) == (0, 0)
     full = DF.knn_density_grouped(feats, valid, (4, 9), bank, bank_valid)
     for rows in (1, 3, 7):
         for chunk_elements in (rows * c * width, (rows + 1) * c * width - 1):
@@ -137,11 +137,12 @@ def test_similarity_chunks_hold_as_many_queries_as_chunk_elements_allows():
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_default_chunk_bound_is_2m_elements_on_the_cpu_and_16m_elsewhere(device):
-    # 2048 queries and a bank of 1000 (the paper's 512 pixels would not reach the bound):
-    # 6.2M similarities, more than 2M and less than 16M; ks = (1,) keeps the CPU rows unpadded
-    s, L, d = 2048, 1000, 4
+    # 2048 queries and a bank of 1008 (the paper's 512 pixels would not reach the bound):
+    # 6.3M similarities, more than 2M and less than 16M; 3056 keys are a multiple of the CPU
+    # top-k's groups of 16 (ks = (1,)), so the rows are not padded
+    s, L, d = 2048, 1008, 4
     width = s + L
-    assert DF._topk_padding(width, 1, torch.device(device)) == 0
+    assert DF._topk_plan(width, 1, torch.device(device))[0] == 0
     feats, bank = torch.randn(1, s, d, device=device), torch.randn(1, L, d, device=device)
     valid = torch.ones(1, s, dtype=torch.bool, device=device)
     rec = _SimilarityChunks()

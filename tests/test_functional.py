@@ -80,11 +80,11 @@ def test_knn_density_grouped_chunking_is_exact():
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 500])
 def test_knn_density_padded_topk_path_matches_reference(chunk_elements):
-    # ks max 4 -> CPU top-k switches to a heap at 256 columns; 100 queries + a bank of 120 make
-    # 220 keys, inside the padded range, so the -inf padding columns are exercised
-    assert DF._topk_padding(220, 4, torch.device("cpu")) == 36
-    assert DF._topk_padding(100, 4, torch.device("cpu")) == 0  # far below: no padding
-    assert DF._topk_padding(220, 4, torch.device("meta")) == 0  # only CPU is padded
+    # ks max 4: 100 queries + a bank of 120 make 220 keys, which the CPU's pruned top-k pads to
+    # 224 (groups of 8), so the padding columns and the pre-selection are exercised
+    assert DF._topk_plan(220, 4, torch.device("cpu")) == (4, 8)
+    assert DF._topk_plan(63, 4, torch.device("cpu")) == (0, 0)  # narrower than 16 k: plain top-k
+    assert DF._topk_plan(220, 4, torch.device("meta")) == (0, 0)  # only the CPU
     g = torch.Generator().manual_seed(5)
     c, s, L, d = 3, 100, 120, 6
     feats, _ = _clustered(c * s, d, c, g)

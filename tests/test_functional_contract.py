@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import torch_dacl.functional as DF
@@ -322,18 +324,63 @@ def test_reduce_terms_takes_the_mean_over_the_contributing_anchors_by_default():
     assert torch.equal(out, DF.reduce_terms(terms, contributing, "mean"))
 
 
-def test_topk_padding_pads_cpu_rows_wider_than_half_the_switch_width_up_to_it():
-    # the switch of ATen's CPU top-k is at 64 * k columns; rows in (switch / 2, switch) are
-    # padded up to the switch, others (and other devices, and k = 0) are not
+def test_topk_plan_groups_cpu_rows_of_16k_or_more_by_the_power_of_two_nearest_sqrt_width_over_k():
+    # block = 2 ** round(log2(sqrt(width / k))) within [2, 16]; the row padded to a multiple of it;
+    # rows narrower than 16 k, k = 0, and other devices: (0, 0), one plain top-k
     cpu = torch.device("cpu")
-    assert DF._topk_padding(40, 1, cpu) == 24  # k = 1: switch 64
-    assert DF._topk_padding(33, 1, cpu) == 31
-    assert DF._topk_padding(32, 1, cpu) == 0  # exactly half the switch: not wider than it
-    assert DF._topk_padding(64, 1, cpu) == 0 and DF._topk_padding(100, 1, cpu) == 0
-    assert DF._topk_padding(1500, 32, cpu) == 2048 - 1500
-    assert DF._topk_padding(1024, 32, cpu) == 0
-    assert DF._topk_padding(40, 0, cpu) == 0
-    assert DF._topk_padding(40, 1, torch.device("meta")) == 0
+    assert DF._topk_plan(1512, 32, cpu) == (0, 8)  # sqrt(47.25) = 6.9 -> 8 (the loss's default keys)
+    assert DF._topk_plan(1500, 32, cpu) == (4, 8)  # padded to 1504
+    assert DF._topk_plan(512, 32, cpu) == (0, 4)  # exactly 16 k; sqrt(16) = 4
+    assert DF._topk_plan(511, 32, cpu) == (0, 0)
+    assert DF._topk_plan(8192, 32, cpu) == (0, 16)  # sqrt(256) = 16
+    assert DF._topk_plan(100000, 32, cpu) == (-100000 % 16, 16)  # capped at 16
+    assert DF._topk_plan(33, 2, cpu) == (3, 4)  # sqrt(16.5) = 4.06 -> 4; padded to 36
+    assert DF._topk_plan(16, 1, cpu) == (0, 4)  # sqrt(16) = 4
+    assert DF._topk_plan(16, 0, cpu) == (0, 0)
+    assert DF._topk_plan(1512, 32, torch.device("meta")) == (0, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 6), k=st.integers(1, 12), extra=st.integers(0, 400), block=st.sampled_from([2, 4, 8, 16]),
+       ties=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_pruned_topk_values_equal_torch_topk_values_exactly(rows, k, extra, block, ties, seed):
+    # the pre-selection gives the very values of torch.topk, sorted, ties and invalid keys included
+    width = block * max(k, (k + extra) // block)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 3, (rows, width), generator=g).float() if ties else torch.randn(rows, width, generator=g)
+    x[:, ::5] = DF._INVALID_KEY - 1.0  # a query's own column and invalid keys rank below every cosine
+    assert torch.equal(DF._topk_values(x, k, block), x.topk(k, dim=-1).values)
+    assert torch.equal(DF._topk_values(x, k, 0), x.topk(k, dim=-1).values)
+
+
+def test_pruned_topk_is_used_by_knn_density_on_the_cpu_and_matches_the_plain_path():
+    # the loss's default keys (512 + 1000): the pruned path and a plain top-k give the same density
+    g = torch.Generator().manual_seed(2)
+    feats, bank = torch.randn(2, 512, 8, generator=g), torch.randn(2, 1000, 8, generator=g)
+    valid = torch.rand(2, 512, generator=g) > 0.1
+    calls = []
+    real = DF._topk_values
+
+    def spy(x, k, block=0):
+        calls.append(block)
+        return real(x, k, block)
+
+    DF._topk_values = spy
+    try:
+        dens = DF.knn_density_grouped(feats, valid, (8, 16, 32), bank)
+    finally:
+        DF._topk_values = real
+    assert calls and set(calls) == {8}  # 1512 keys: groups of 8
+    q = torch.nn.functional.normalize(feats, dim=-1)
+    keys = torch.cat([q, torch.nn.functional.normalize(bank, dim=-1)], 1)
+    sims = torch.einsum("csd,cwd->csw", q, keys)
+    kv = torch.cat([valid, torch.ones(2, 1000, dtype=torch.bool)], 1)
+    sims = sims.masked_fill(~kv.unsqueeze(1), -9.0)
+    sims.diagonal(dim1=1, dim2=2).fill_(-9.0)
+    top = sims.topk(32, dim=-1).values
+    est = sum(top[..., :kk].mean(-1) for kk in (8, 16, 32)) / 3  # every query has >= 1000 neighbours
+    torch.testing.assert_close(dens[valid], est[valid], atol=1e-6, rtol=1e-6)
+    assert torch.all(dens[~valid] == -1)
 
 
 def test_grouped_functions_under_another_default_device():

@@ -444,7 +444,8 @@ class SoftDensityContrastiveLoss(nn.Module):
             if self.bank_policy.stores_prototypes:
                 pool = probs if probs is not None else embeddings.new_zeros(0)
         elif class_anchors or self.bank_policy.stores_prototypes:
-            maps = probs if probs is not None else one_hot_maps(labels, self.num_classes, self.ignore_index)
+            maps = probs if probs is not None else one_hot_maps(labels, self.num_classes, self.ignore_index,
+                                                                torch.bool)  # T_n itself: no float map to threshold
             protos = self.pool(embeddings if class_anchors else embeddings.detach(), maps)
         batch = self.sampler(embeddings, labels, *protos, generator=local, head=head, pool=pool,
                              threshold=self.pool.threshold)

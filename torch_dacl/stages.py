@@ -191,9 +191,12 @@ def apply_head(head, features: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
     return out.reshape(c, s, out.shape[-1])
 
 
-def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
-    """``(N, *S)`` labels -> ``(N, C, *S)`` float one-hot class maps (Eq. 2's :math:`M_n` from
-    labels); pixels outside ``[0, C)`` or equal to ``ignore_index`` are all-zero."""
+def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(N, *S)`` labels -> ``(N, C, *S)`` one-hot class maps (Eq. 2's :math:`M_n` from
+    labels) in ``dtype`` (float32; ``torch.bool`` gives the masks :math:`T_n`, which
+    :func:`~torch_dacl.functional.masked_average_pool` takes without a threshold); pixels
+    outside ``[0, C)`` or equal to ``ignore_index`` are all-zero."""
     # one comparison per class straight into the (N, C, *S) layout (a label outside [0, C)
     # matches none): F.one_hot would build an int64 (N, *S, C + 1) map, 8x the bytes, and
     # then copy it channel-first
@@ -201,7 +204,7 @@ def one_hot_maps(labels: torch.Tensor, num_classes: int, ignore_index: Optional[
     hot = labels.unsqueeze(1) == cls
     if ignore_index is not None:  # in int64: -100 compared with uint8 labels would wrap to 156
         hot &= (labels.long() != ignore_index).unsqueeze(1)
-    return hot.to(torch.float32)
+    return hot.to(dtype)
 
 
 # ----------------------------------------------------------------------------- records passed between stages
