@@ -142,7 +142,8 @@ def run(args) -> None:
 
 
 def _stat(xs: Sequence[float]) -> dict:
-    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "n": len(xs)} if xs \
+    """Mean, std and count; the std of one seed is None (unknown, not 0)."""
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else None, "n": len(xs)} if xs \
         else {"mean": None, "std": None, "n": 0}
 
 
@@ -173,7 +174,8 @@ def collect(args) -> dict:
             common = sorted(set(r["scores"]) & set(by[base]["scores"]))
             r[f"minus_{base}"] = _stat([r["scores"][s] - by[base]["scores"][s] for s in common])
         bases = [by[b]["score"] for b in BASELINES[r["patients"]]]
-        if r["variant"] not in BASELINES[r["patients"]] and r["score"]["n"] and all(b["n"] for b in bases):
+        # a spread needs two seeds of each baseline; with fewer, "moves" stays undecided
+        if r["variant"] not in BASELINES[r["patients"]] and r["score"]["n"] and all(b["n"] > 1 for b in bases):
             margin = max(b["std"] for b in bases)
             r["moves"] = r["score"]["mean"] - max(b["mean"] for b in bases) > margin
     table = {"what": "ACDC cpu preset, validation split only (all 20 volumes); score = mean validation Dice (%) of "
@@ -190,7 +192,8 @@ def collect(args) -> dict:
 def _fmt(st: Optional[dict], signed: bool = False) -> str:
     if not st or st.get("n", 0) == 0 or st["mean"] is None:
         return "–"
-    return f"{st['mean']:+.2f} ± {st['std']:.2f}" if signed else f"{st['mean']:.2f} ± {st['std']:.2f}"
+    mean = f"{st['mean']:+.2f}" if signed else f"{st['mean']:.2f}"
+    return mean if st["std"] is None else f"{mean} ± {st['std']:.2f}"
 
 
 def markdown(table: dict) -> str:

@@ -43,6 +43,17 @@ def test_scores_pairs_and_the_moves_rule(tmp_path):
     md = (tmp_path / "out" / "hyp.md").read_text()
     assert "| H5: lambda_CL constant 0.5 after the warm-up | 7 | 85.50 ± 0.71 (2) |" in md
     assert "0: step 1500" in md and "abc1234" in md
+    # one seed: its std is unknown, not 0, and a variant cannot be said to move
+    one = tmp_path / "one"
+    _run(one, "cps", 0, [0.5, 0.6, 0.7, 0.80, 0.80, 0.80])
+    _run(one, "dacl", 0, [0.5, 0.6, 0.7, 0.79, 0.79, 0.79])
+    _run(one, "H5-constant", 0, [0.5, 0.6, 0.7, 0.90, 0.90, 0.90])
+    table = hypotheses.main(["collect", "--runs", str(one), "--records", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "out" / "hyp1")])
+    rows = {r["variant"]: r for r in table["rows"]}
+    assert rows["cps"]["score"]["std"] is None and rows["H5-constant"].get("moves") is None
+    md = (tmp_path / "out" / "hyp1.md").read_text()
+    assert "| CPS (baseline) | 7 | 80.00 (1) |" in md and "| +10.00 |" in md
 
 
 def test_finished_runs_are_recorded_and_a_record_wins_over_runs(tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ class Json(_Rst):
     """``.. dacl-json:: FILE KEY...``: the list of rows (or mapping) under each KEY of a
     benchmark JSON file as a table. ``:columns:`` picks and names the columns of a list of rows,
     ``path = Header; path2 = Header2`` (dotted paths into each row; ``path*100`` multiplies
-    the value by 100); ``:caption:`` titles it; ``:command:`` adds the file's ``command``
+    the value by 100; ``path:+.2f`` formats it with that format spec); ``:caption:`` titles it; ``:command:`` adds the file's ``command``
     below it."""
 
     required_arguments = 1
@@ -239,9 +239,11 @@ class Json(_Rst):
                 for r in rows:
                     cells = []
                     for k, h in cols:
+                        k, _, spec = k.partition(":")  # "path:+.2f": the value formatted so
                         scale = 100 if k.endswith("*100") else 1
                         v = _get(r, k[:-4] if scale != 1 else k)
-                        cells.append(scale * v if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                        v = scale * v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                        cells.append(format(v, spec) if spec and isinstance(v, (int, float)) else v)
                     body.append(cells)
                 lines += list_table([h for _, h in cols], body, self.options.get("caption") or "")
             if "command" in self.options and data.get("command"):
