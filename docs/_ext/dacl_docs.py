@@ -96,9 +96,7 @@ class _Rst(SphinxDirective):
 
 
 def _note(text: str) -> List[nodes.Node]:
-    n = nodes.note()
-    n += nodes.paragraph(text=text)
-    return [n]
+    return [nodes.note("", nodes.paragraph(text=text))]
 
 
 # ----------------------------------------------------------------------------- results tables
@@ -238,12 +236,11 @@ class Json(_Rst):
                 body = []
                 for r in rows:
                     cells = []
-                    for k, h in cols:
-                        k, _, spec = k.partition(":")  # "path:+.2f": the value formatted so
-                        scale = 100 if k.endswith("*100") else 1
-                        v = _get(r, k[:-4] if scale != 1 else k)
-                        v = scale * v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-                        cells.append(format(v, spec) if spec and isinstance(v, (int, float)) else v)
+                    for k, h in cols:  # "path*100": times 100; "path:+.2f": in that format
+                        path, _, spec = k.partition(":")
+                        num = isinstance(v := _get(r, path.removesuffix("*100")), (int, float)) and not isinstance(v, bool)
+                        v = v * 100 if num and path.endswith("*100") else v
+                        cells.append(format(v, spec) if spec and num else v)
                     body.append(cells)
                 lines += list_table([h for _, h in cols], body, self.options.get("caption") or "")
             if "command" in self.options and data.get("command"):
