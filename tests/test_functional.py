@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torch_dacl.functional as DF
+from torch_dacl.stages import one_hot_maps
 from naive import (naive_cps, naive_knn_density, naive_masked_average_pool, naive_rampup, naive_sdcl,
                    naive_sdcl_autograd)
 
@@ -332,6 +333,22 @@ def test_pool_threshold_is_strict_and_a_one_pixel_mask_is_that_pixel():
     assert valid.tolist() == [[False, True], [False, True]]
     torch.testing.assert_close(protos[:, 1], feats[:, :, 1, 1])
     assert torch.all(protos[:, 0] == 0)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.99, 1.0, -0.5])
+def test_pool_takes_a_bool_map_as_the_masks_themselves_whatever_the_threshold(threshold):
+    # bool maps are T_n (the loss's labels, docs: 'threshold applies when probs are passed'):
+    # the reference's float one-hot at a threshold in [0, 1), at any threshold
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64)
+    lab = torch.randint(-1, 3, (3, 6, 7), generator=g)  # -1: no class; class 3 of 4 empty
+    hot = lab.unsqueeze(1) == torch.arange(4).view(1, 4, 1, 1)
+    protos, valid = DF.masked_average_pool(feats, hot, threshold)
+    ref_p, ref_v = naive_masked_average_pool(feats, hot.double(), 0.5)
+    assert torch.equal(valid, ref_v) and valid[:, :3].all() and not valid[:, 3].any()
+    torch.testing.assert_close(protos.double(), ref_p, atol=1e-6, rtol=1e-6)
+    assert torch.equal(hot, one_hot_maps(lab, 4, dtype=torch.bool))
+    assert torch.equal(hot.float(), one_hot_maps(lab, 4))
 
 
 def test_sample_pixels_per_class_skips_ignore_index_and_follows_the_generator():
