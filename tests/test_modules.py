@@ -350,6 +350,11 @@ def test_grouped_functional_math_compiles_fullgraph():
     bank = torch.randn(3, 6, 4, generator=g)
     dens = torch.compile(DF.knn_density_grouped, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(dens(x, valid, (2, 4), bank), DF.knn_density_grouped(x, valid, (2, 4), bank))
+    wide, wide_bank = torch.randn(3, 40, 4, generator=g), torch.randn(3, 30, 4, generator=g)  # 70 keys: the CPU's
+    assert DF._topk_plan(70, 4, wide.device) == (2, 4)  # pruned top-k, padded to 72
+    wide_valid = torch.rand(3, 40, generator=g) > 0.2
+    torch.testing.assert_close(dens(wide, wide_valid, (2, 4), wide_bank),
+                               DF.knn_density_grouped(wide, wide_valid, (2, 4), wide_bank))
 
     loss = torch.compile(DF.soft_density_contrastive_loss_grouped, backend="aot_eager", fullgraph=True)
     args = (x, valid, torch.randn(3, 4, generator=g), torch.randn(3, 5, 4, generator=g))
