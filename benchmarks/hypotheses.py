@@ -18,9 +18,16 @@ H3-labeled      DACL on labeled pixels only (no pseudo labels)            7
 H3-agree        pseudo labels only where both models agree                7
 H4-stage2       heads one decoder stage earlier (half resolution)        7
 H5-constant     lambda_CL constant 0.5 after the warm-up (Fig. 5a)        7
-H1-long-cps     CPS, 3x longer (9000 steps)                               3
-H1-long-dacl    DACL, 3x longer (9000 steps)                              3
+H1-long-cps     CPS, 3x longer (9000 steps), bfloat16 autocast            3
+H1-long-dacl    DACL, 3x longer (9000 steps), bfloat16 autocast           3
 ==============  =======================================================  ==========
+
+The two ``H1-long`` runs use bfloat16 autocast (``--amp bf16``), both of them, so the pair
+stays paired: on this project's CPU (AVX512-BF16) a DACL step takes 0.67x the float32 one
+(``benchmarks/step_cost.py --variants dacl "dacl, bf16"``), which brings a 9000-step run from
+about 4.5 to about 3 hours on one core; the recipe sweep found bf16 level with float32 on
+validation. ``--checkout`` runs another checkout's example (a worktree of one pinned commit:
+the table's runs share commit ``e1f4b6e``).
 
 Usage::
 
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import shutil
 import subprocess
@@ -67,10 +75,10 @@ VARIANTS: Dict[str, dict] = {
                       what="H4: heads one decoder stage earlier"),
     "H5-constant": dict(flags=["--method", "dacl", "--hypothesis", "H5-constant"], patients=7,
                         what="H5: lambda_CL constant 0.5 after the warm-up"),
-    "H1-long-cps": dict(flags=["--method", "cps", "--hypothesis", "H1-long"], patients=3,
-                        what="H1: CPS, 3x longer (3 patients)"),
-    "H1-long-dacl": dict(flags=["--method", "dacl", "--hypothesis", "H1-long"], patients=3,
-                         what="H1: DACL, 3x longer (3 patients)"),
+    "H1-long-cps": dict(flags=["--method", "cps", "--hypothesis", "H1-long", "--amp", "bf16"], patients=3,
+                        what="H1: CPS, 3x longer (3 patients, bf16)"),
+    "H1-long-dacl": dict(flags=["--method", "dacl", "--hypothesis", "H1-long", "--amp", "bf16"], patients=3,
+                         what="H1: DACL, 3x longer (3 patients, bf16)"),
 }
 MECHANISM = ("cps", "dacl", "II")  # seed 0 of these records the mechanism through training
 BASELINES = {7: ("cps", "dacl"), 3: ("H1-long-cps", "H1-long-dacl")}
@@ -129,7 +137,8 @@ def run(args) -> None:
             if h is not None and h["finished"]:
                 print(f"[skip] {out.name}: finished; recorded in {keep(out, args.records)}")
                 continue
-            cmd = [sys.executable, str(ROOT / "examples" / "acdc_cps_dacl.py"), *COMMON, *VARIANTS[variant]["flags"],
+            cmd = [sys.executable, str(args.checkout / "examples" / "acdc_cps_dacl.py"), *COMMON,
+                   *VARIANTS[variant]["flags"],
                    "--labeled", str(VARIANTS[variant]["patients"]), "--seed", str(seed), "--output-dir", str(out)]
             if variant in MECHANISM and seed == 0:
                 cmd += ["--mechanism-every", "500"]
@@ -137,7 +146,9 @@ def run(args) -> None:
                 cmd += ["--resume"]
             print("[run]", " ".join(cmd[1:]), flush=True)
             t0 = time.time()
-            subprocess.run(cmd, check=True, cwd=ROOT)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(args.checkout),
+                                                                             os.environ.get("PYTHONPATH")])))
+            subprocess.run(cmd, check=True, cwd=args.checkout, env=env)
             print(f"[done] {out.name} in {time.time() - t0:.0f} s; recorded in {keep(out, args.records)}", flush=True)
 
 
@@ -218,6 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int_range(0), default=[0, 1])
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "hyp")
+    p.add_argument("--checkout", type=Path, default=ROOT,
+                   help="the checkout whose example and library the runs use (default: this one); e.g. a git worktree "
+                        "of one pinned commit, so that every run of the table shares it")
     p.add_argument("--records", type=Path, default=RECORDS,
                    help="finished runs' small files, committed (default benchmarks/results/hypotheses_runs)")
     p.add_argument("--out", type=Path, default=RESULTS / "acdc_hypotheses")

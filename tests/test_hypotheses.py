@@ -175,3 +175,19 @@ def test_sparse_validation_pairs_further_seeds_by_seed(tmp_path):
     assert acdc[2]["difference"] == pytest.approx((80.0 - old0 + 80.5 - old1) / 2)
     assert acdc[2]["within_1_point"] == (abs(acdc[2]["difference"]) <= 1.0)
     assert len([r for r in table["rows"] if r["what"].startswith("CHAOS")]) == 1  # seed 0 only, no run
+
+
+def test_run_uses_the_given_checkout_and_h1_runs_in_bf16(tmp_path, monkeypatch):
+    # --checkout: the example, the working directory and the import path are that checkout's
+    checkout = tmp_path / "pinned"
+    seen = []
+    monkeypatch.setattr(hypotheses.subprocess, "run", lambda cmd, **kw: seen.append((cmd, kw)))
+    hypotheses.main(["run", "--variants", "H1-long-dacl", "cps", "--seeds", "1", "--runs", str(tmp_path / "runs"),
+                     "--records", str(tmp_path / "rec"), "--checkout", str(checkout)])
+    assert len(seen) == 2
+    for cmd, kw in seen:
+        assert cmd[1] == str(checkout / "examples" / "acdc_cps_dacl.py") and kw["cwd"] == checkout
+        assert kw["env"]["PYTHONPATH"].split(hypotheses.os.pathsep)[0] == str(checkout)
+    h1, cps = seen[0][0], seen[1][0]
+    assert h1[h1.index("--amp") + 1] == "bf16" and h1[h1.index("--labeled") + 1] == "3"
+    assert "--amp" not in cps and cps[cps.index("--labeled") + 1] == "7"
