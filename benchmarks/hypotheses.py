@@ -26,8 +26,8 @@ The two ``H1-long`` runs use bfloat16 autocast (``--amp bf16``), both of them, s
 stays paired: on this project's CPU (AVX512-BF16) a DACL step takes 0.67x the float32 one
 (``benchmarks/step_cost.py --variants dacl "dacl, bf16"``): a 3000-step float32 run took about
 70 minutes on one core beside another run, so 9000 steps take about 2.3 hours instead of 3.5;
-the recipe sweep found bf16 level with float32 on validation. ``--checkout`` runs another checkout's example (a worktree of one pinned commit:
-the table's runs share commit ``e1f4b6e``).
+the recipe sweep found bf16 level with float32 on validation. ``--checkout`` runs another
+checkout's example (a worktree of one pinned commit: the table's runs share commit ``e1f4b6e``).
 
 Usage::
 

@@ -353,33 +353,23 @@ def test_pruned_topk_values_equal_torch_topk_values_exactly(rows, k, extra, bloc
     assert torch.equal(DF._topk_values(x, k, 0), x.topk(k, dim=-1).values)
 
 
-def test_pruned_topk_is_used_by_knn_density_on_the_cpu_and_matches_the_plain_path():
-    # the loss's default keys (512 + 1000): the pruned path and a plain top-k give the same density
+def test_pruned_topk_is_used_by_knn_density_on_the_cpu_and_matches_the_reference(monkeypatch):
+    # 30 queries + a bank of 60 per class: 90 keys >= 16 * 4, so the pruned top-k runs (groups
+    # of 4, padded to 92); the density is the naive loop reference's
+    from naive import naive_knn_density
+
     g = torch.Generator().manual_seed(2)
-    feats, bank = torch.randn(2, 512, 8, generator=g), torch.randn(2, 1000, 8, generator=g)
-    valid = torch.rand(2, 512, generator=g) > 0.1
-    calls = []
-    real = DF._topk_values
-
-    def spy(x, k, block=0):
-        calls.append(block)
-        return real(x, k, block)
-
-    DF._topk_values = spy
-    try:
-        dens = DF.knn_density_grouped(feats, valid, (8, 16, 32), bank)
-    finally:
-        DF._topk_values = real
-    assert calls and set(calls) == {8}  # 1512 keys: groups of 8
-    q = torch.nn.functional.normalize(feats, dim=-1)
-    keys = torch.cat([q, torch.nn.functional.normalize(bank, dim=-1)], 1)
-    sims = torch.einsum("csd,cwd->csw", q, keys)
-    kv = torch.cat([valid, torch.ones(2, 1000, dtype=torch.bool)], 1)
-    sims = sims.masked_fill(~kv.unsqueeze(1), -9.0)
-    sims.diagonal(dim1=1, dim2=2).fill_(-9.0)
-    top = sims.topk(32, dim=-1).values
-    est = sum(top[..., :kk].mean(-1) for kk in (8, 16, 32)) / 3  # every query has >= 1000 neighbours
-    torch.testing.assert_close(dens[valid], est[valid], atol=1e-6, rtol=1e-6)
+    feats, bank = torch.randn(2, 30, 8, generator=g), torch.randn(2, 60, 8, generator=g)
+    valid = torch.rand(2, 30, generator=g) > 0.2
+    bank_valid = torch.rand(2, 60, generator=g) > 0.3
+    assert DF._topk_plan(90, 4, feats.device) == (2, 4)
+    blocks, real = [], DF._topk_values
+    monkeypatch.setattr(DF, "_topk_values", lambda x, k, block=0: blocks.append(block) or real(x, k, block))
+    dens = DF.knn_density_grouped(feats, valid, (2, 4), bank, bank_valid)
+    assert blocks and set(blocks) == {4}
+    labels = torch.arange(2).unsqueeze(1).expand(2, 30)
+    ref = naive_knn_density(feats[valid], labels[valid], (2, 4), bank, bank_valid)
+    torch.testing.assert_close(dens[valid].double(), ref, atol=1e-5, rtol=1e-5)
     assert torch.all(dens[~valid] == -1)
 
 
