@@ -20,7 +20,15 @@ H4-stage2       heads one decoder stage earlier (half resolution)        7
 H5-constant     lambda_CL constant 0.5 after the warm-up (Fig. 5a)        7
 H1-long-cps     CPS, 3x longer (9000 steps), bfloat16 autocast            3
 H1-long-dacl    DACL, 3x longer (9000 steps), bfloat16 autocast           3
+H1-short-cps    CPS, the preset's 3000 steps, bfloat16 autocast           3
+H1-short-dacl   DACL, the preset's 3000 steps, bfloat16 autocast          3
 ==============  =======================================================  ==========
+
+Each row's "− CPS" and "− DACL" are paired by seed with the baselines *of its own budget*: the
+7-patient rows with ``cps`` and ``dacl``, the ``H1-long`` rows with each other, the ``H1-short``
+rows with each other. H1 reads the two budgets' DACL − CPS side by side: the short pair is the
+same protocol as the long one (3 patients, bfloat16, one commit) at the preset's 3000 steps, so
+the only difference between the two gaps is the budget.
 
 The two ``H1-long`` runs use bfloat16 autocast (``--amp bf16``), both of them, so the pair
 stays paired: on this project's CPU (AVX512-BF16) a DACL step takes 0.67x the float32 one
@@ -79,9 +87,15 @@ VARIANTS: Dict[str, dict] = {
                         what="H1: CPS, 3x longer (3 patients, bf16)"),
     "H1-long-dacl": dict(flags=["--method", "dacl", "--hypothesis", "H1-long", "--amp", "bf16"], patients=3,
                          what="H1: DACL, 3x longer (3 patients, bf16)"),
+    "H1-short-cps": dict(flags=["--method", "cps", "--amp", "bf16"], patients=3,
+                         what="H1: CPS, the preset's budget (3 patients, bf16)"),
+    "H1-short-dacl": dict(flags=["--method", "dacl", "--amp", "bf16"], patients=3,
+                          what="H1: DACL, the preset's budget (3 patients, bf16)"),
 }
 MECHANISM = ("cps", "dacl", "II")  # seed 0 of these records the mechanism through training
-BASELINES = {7: ("cps", "dacl"), 3: ("H1-long-cps", "H1-long-dacl")}
+# the (CPS, DACL) pair each variant is compared with: the baselines of its own budget
+PAIRS = (("H1-long-cps", "H1-long-dacl"), ("H1-short-cps", "H1-short-dacl"))
+BASELINES = {v: next((p for p in PAIRS if v in p), ("cps", "dacl")) for v in VARIANTS}
 COMMON = ["--preset", "cpu", "--val-volumes", "0", "--val-every", "500", "--no-test", "--threads", "1",
           "--no-progress"]
 LAST = 3  # the score: mean of the last three validations
@@ -178,20 +192,25 @@ def collect(args) -> dict:
         rows.append({"variant": variant, "what": spec["what"], "patients": spec["patients"], "scores": per_seed,
                      "score": _stat(list(per_seed.values())), "steps_done": steps_done, "commits": sorted(commits)})
     by = {r["variant"]: r for r in rows}
-    for r in rows:  # paired by seed against the baselines of its label count
-        for base in BASELINES[r["patients"]]:
+    for r in rows:  # paired by seed with the baselines of its own budget ("minus_cps", "minus_dacl")
+        pair = BASELINES[r["variant"]]
+        r["baselines"] = list(pair)
+        for key, base in zip(("minus_cps", "minus_dacl"), pair):
             if base == r["variant"]:
                 continue
             common = sorted(set(r["scores"]) & set(by[base]["scores"]))
-            r[f"minus_{base}"] = _stat([r["scores"][s] - by[base]["scores"][s] for s in common])
-        bases = [by[b]["score"] for b in BASELINES[r["patients"]]]
+            r[key] = _stat([r["scores"][s] - by[base]["scores"][s] for s in common])
+        bases = [by[b]["score"] for b in pair]
         # a spread needs two seeds of each baseline; with fewer, "moves" stays undecided
-        if r["variant"] not in BASELINES[r["patients"]] and r["score"]["n"] and all(b["n"] > 1 for b in bases):
+        if r["variant"] not in pair and r["score"]["n"] and all(b["n"] > 1 for b in bases):
             margin = max(b["std"] for b in bases)
             r["moves"] = r["score"]["mean"] - max(b["mean"] for b in bases) > margin
+    # H1: DACL - CPS at the 3x budget against the same at the preset's budget (3 patients, bf16, both)
+    h1 = {budget: by[f"H1-{budget}-dacl"].get("minus_cps") or _stat([]) for budget in ("short", "long")}
     table = {"what": "ACDC cpu preset, validation split only (all 20 volumes); score = mean validation Dice (%) of "
-                     f"the last {LAST} validations (every 500 steps); differences paired by seed",
-             "command": "python benchmarks/hypotheses.py collect", "rows": rows}
+                     f"the last {LAST} validations (every 500 steps); differences paired by seed, each row against "
+                     "the CPS and DACL of its own budget",
+             "command": "python benchmarks/hypotheses.py collect", "rows": rows, "h1": h1}
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(table, indent=1))
@@ -213,13 +232,16 @@ def markdown(table: dict) -> str:
              "| variant | patients | score, mean ± std (seeds) | per seed | − CPS | − DACL | beats both beyond the "
              "spread | commit |", "|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
-        base_cps, base_dacl = BASELINES[r["patients"]]
         per = ", ".join(f"{s}: {v:.2f}" for s, v in sorted(r["scores"].items())) or \
             ", ".join(f"{s}: step {n}" for s, n in sorted(r["steps_done"].items())) or "not run"
         moves = {True: "yes", False: "no"}.get(r.get("moves"), "–")
         lines.append(f"| {r['what']} | {r['patients']} | {_fmt(r['score'])} ({r['score']['n']}) | {per} | "
-                     f"{_fmt(r.get('minus_' + base_cps), True)} | {_fmt(r.get('minus_' + base_dacl), True)} | {moves} | "
+                     f"{_fmt(r.get('minus_cps'), True)} | {_fmt(r.get('minus_dacl'), True)} | {moves} | "
                      f"{', '.join(r['commits']) or '–'} |")
+    h1 = table.get("h1", {})
+    lines += ["", f"H1 (budget), DACL − CPS paired by seed at 3 patients: {_fmt(h1.get('short'), True)} "
+              f"({(h1.get('short') or {}).get('n', 0)} seeds) at 3000 steps, {_fmt(h1.get('long'), True)} "
+              f"({(h1.get('long') or {}).get('n', 0)} seeds) at 9000 steps."]
     return "\n".join(lines) + "\n"
 
 

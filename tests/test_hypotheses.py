@@ -191,3 +191,25 @@ def test_run_uses_the_given_checkout_and_h1_runs_in_bf16(tmp_path, monkeypatch):
     h1, cps = seen[0][0], seen[1][0]
     assert h1[h1.index("--amp") + 1] == "bf16" and h1[h1.index("--labeled") + 1] == "3"
     assert "--amp" not in cps and cps[cps.index("--labeled") + 1] == "7"
+
+
+def test_h1_rows_are_paired_within_their_own_budget(tmp_path):
+    """The H1 rows are compared with the CPS of their own budget (3 patients, bf16), never with
+    the 7-patient baselines, and the table states DACL - CPS at both budgets."""
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _run(runs, "cps", seed, [0.5, 0.6, 0.7, 0.80, 0.80, 0.80])
+        _run(runs, "H1-short-cps", seed, [0.5, 0.6, 0.7, 0.70, 0.70, 0.70])
+        _run(runs, "H1-short-dacl", seed, [0.5, 0.6, 0.7, 0.71, 0.71, 0.71])
+        _run(runs, "H1-long-cps", seed, [0.74] * 18, steps=9000)
+        _run(runs, "H1-long-dacl", seed, [0.70 + 0.01 * seed] * 18, steps=9000)
+    table = hypotheses.main(["collect", "--runs", str(runs), "--records", str(tmp_path / "none"),
+                             "--out", str(tmp_path / "out" / "hyp")])
+    rows = {r["variant"]: r for r in table["rows"]}
+    assert rows["H1-short-dacl"]["baselines"] == ["H1-short-cps", "H1-short-dacl"]
+    assert rows["H1-short-dacl"]["minus_cps"]["mean"] == pytest.approx(1.0)
+    assert rows["H1-long-dacl"]["minus_cps"]["mean"] == pytest.approx(-3.5)
+    assert rows["H1-long-cps"]["minus_dacl"]["mean"] == pytest.approx(3.5) and "minus_cps" not in rows["H1-long-cps"]
+    assert table["h1"]["short"]["mean"] == pytest.approx(1.0) and table["h1"]["long"]["n"] == 2
+    md = (tmp_path / "out" / "hyp.md").read_text()
+    assert "+1.00 ± 0.00 (2 seeds) at 3000 steps, -3.50 ± 0.71 (2 seeds) at 9000 steps" in md
