@@ -49,8 +49,9 @@ that has a record; ``collect`` reads the records and, for runs not recorded, ``r
 
 Runs of seed 0 of ``cps``, ``dacl`` and ``II`` also record the mechanism through training
 (``--mechanism-every 500``; ``benchmarks/mechanism_curves.py`` plots it). A variant *moves*
-when its mean score beats both baselines' by more than their larger seed spread (std); only
-those would get test seeds (issue #27, item 3).
+when its mean score beats both baselines' by more than their larger seed spread (std), decided
+once the variant and both baselines have two seeds each; only those would get test seeds
+(issue #27, item 3).
 """
 
 from __future__ import annotations
@@ -201,8 +202,9 @@ def collect(args) -> dict:
             common = sorted(set(r["scores"]) & set(by[base]["scores"]))
             r[key] = _stat([r["scores"][s] - by[base]["scores"][s] for s in common])
         bases = [by[b]["score"] for b in pair]
-        # a spread needs two seeds of each baseline; with fewer, "moves" stays undecided
-        if r["variant"] not in pair and r["score"]["n"] and all(b["n"] > 1 for b in bases):
+        # decided on two seeds of the variant and of each baseline (a spread needs two); with fewer,
+        # "moves" stays undecided: one lucky seed is not a variant that moves
+        if r["variant"] not in pair and r["score"]["n"] > 1 and all(b["n"] > 1 for b in bases):
             margin = max(b["std"] for b in bases)
             r["moves"] = r["score"]["mean"] - max(b["mean"] for b in bases) > margin
     # H1: DACL - CPS at the 3x budget against the same at the preset's budget (3 patients, bf16, both)

@@ -31,6 +31,7 @@ def test_scores_pairs_and_the_moves_rule(tmp_path):
         _run(runs, "dacl", seed, [0.5, 0.6, 0.7, d, d, d])
         _run(runs, "H5-constant", seed, [0.5, 0.6, 0.7, h - 0.01, h, h + 0.01])
     _run(runs, "H3-agree", 0, [0.5, 0.6, 0.7])  # not finished: no score, its progress shown
+    _run(runs, "H4-stage2", 0, [0.5, 0.6, 0.7, 0.95, 0.95, 0.95])  # one seed, however good: undecided
     table = hypotheses.main(["collect", "--runs", str(runs), "--records", str(tmp_path / "none"),
                              "--out", str(tmp_path / "out" / "hyp")])
     rows = {r["variant"]: r for r in table["rows"]}
@@ -40,6 +41,7 @@ def test_scores_pairs_and_the_moves_rule(tmp_path):
     assert rows["H5-constant"]["minus_dacl"]["mean"] == pytest.approx(5.0)
     assert rows["H5-constant"]["moves"] is True and "moves" not in rows["cps"]
     assert rows["H3-agree"]["score"]["n"] == 0 and rows["H3-agree"]["steps_done"] == {"0": 1500}
+    assert rows["H4-stage2"]["minus_cps"]["mean"] == pytest.approx(15.0) and rows["H4-stage2"].get("moves") is None
     md = (tmp_path / "out" / "hyp.md").read_text()
     assert "| H5: lambda_CL constant 0.5 after the warm-up | 7 | 85.50 ± 0.71 (2) |" in md
     assert "0: step 1500" in md and "abc1234" in md
