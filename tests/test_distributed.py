@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -197,6 +198,7 @@ def _worker(rank, world, init_file, out_dir):
         _run_ddp_step(model, loss_fn, x[rank * n:(rank + 1) * n], labels[rank * n:(rank + 1) * n])
         res["ddp"] = {k: p.grad.clone() for k, p in model.module.named_parameters()}
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -213,7 +215,19 @@ def ranks(tmp_path_factory):
     t0 = time.time()
     ctx = mp.spawn(_worker, args=(WORLD, str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False)
     deadline = t0 + 900
-    while not ctx.join(timeout=1):
+    while True:
+        try:
+            if ctx.join(timeout=1):
+                break
+        except mp.ProcessExitedException as e:
+            # gloo can abort a rank in its C++ teardown, after the rank saved its results and
+            # passed the final barrier (seen once under CI load: "terminate called without an
+            # active exception"). That is torch's exit path, not ours: with every rank's results
+            # saved they are checked as usual; a rank that died before saving fails here.
+            if all((tmp / f"rank{r}.pt").is_file() for r in range(WORLD)):
+                warnings.warn(f"a gloo rank aborted in its teardown after saving its results: {e}")
+                break
+            raise
         if time.time() > deadline:  # a deadlock must fail the test, not hang CI
             for p in ctx.processes:
                 if p.is_alive():
