@@ -426,7 +426,7 @@ def test_hypothesis_options_of_the_objective():
         ramp.step()
     assert values[:10] == [0.0] * 10 and values[10:] == [0.5] * 90
     with pytest.raises(ValueError, match="shape"):
-        GaussianRampUp(total_steps=10, shape="linear")
+        GaussianRampUp(total_steps=10, warmup_steps=0, shape="linear")
     # a coarser feature layer: the objective resizes the labels to it
     coarse = torch.randn(4, D, 4, 4, generator=g, requires_grad=True)
     res = DACLObjective(C, D, total_steps=10, warmup=0, pixel_stride=2, **SMALL)(la, lb, coarse, coarse, y, labeled)
