@@ -208,7 +208,7 @@ def collect(args) -> dict:
             margin = max(b["std"] for b in bases)
             r["moves"] = r["score"]["mean"] - max(b["mean"] for b in bases) > margin
     # H1: DACL - CPS at the 3x budget against the same at the preset's budget (3 patients, bf16, both)
-    h1 = {budget: by[f"H1-{budget}-dacl"].get("minus_cps") or _stat([]) for budget in ("short", "long")}
+    h1 = {budget: by[f"H1-{budget}-dacl"]["minus_cps"] for budget in ("short", "long")}
     table = {"what": "ACDC cpu preset, validation split only (all 20 volumes); score = mean validation Dice (%) of "
                      f"the last {LAST} validations (every 500 steps); differences paired by seed, each row against "
                      "the CPS and DACL of its own budget",
@@ -240,10 +240,10 @@ def markdown(table: dict) -> str:
         lines.append(f"| {r['what']} | {r['patients']} | {_fmt(r['score'])} ({r['score']['n']}) | {per} | "
                      f"{_fmt(r.get('minus_cps'), True)} | {_fmt(r.get('minus_dacl'), True)} | {moves} | "
                      f"{', '.join(r['commits']) or '–'} |")
-    h1 = table.get("h1", {})
-    lines += ["", f"H1 (budget), DACL − CPS paired by seed at 3 patients: {_fmt(h1.get('short'), True)} "
-              f"({(h1.get('short') or {}).get('n', 0)} seeds) at 3000 steps, {_fmt(h1.get('long'), True)} "
-              f"({(h1.get('long') or {}).get('n', 0)} seeds) at 9000 steps."]
+    h1 = table["h1"]
+    lines += ["", "H1 (budget), DACL − CPS paired by seed at 3 patients: " + ", ".join(
+        f"{_fmt(h1[b], True)} ({h1[b]['n']} seeds) at {steps} steps" for b, steps in (("short", 3000), ("long", 9000)))
+        + "."]
     return "\n".join(lines) + "\n"
 
 
