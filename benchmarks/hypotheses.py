@@ -242,7 +242,7 @@ def markdown(table: dict) -> str:
                      f"{', '.join(r['commits']) or '–'} |")
     h1 = table["h1"]
     lines += ["", "H1 (budget), DACL − CPS paired by seed at 3 patients: " + ", ".join(
-        f"{_fmt(h1[b], True)} ({h1[b]['n']} seeds) at {steps} steps" for b, steps in (("short", 3000), ("long", 9000)))
+        f"{_fmt(h1[b], True)} ({h1[b]['n']} seed{'' if h1[b]['n'] == 1 else 's'}) at {steps} steps" for b, steps in (("short", 3000), ("long", 9000)))
         + "."]
     return "\n".join(lines) + "\n"
 
