@@ -28,7 +28,9 @@ Each row's "− CPS" and "− DACL" are paired by seed with the baselines *of it
 7-patient rows with ``cps`` and ``dacl``, the ``H1-long`` rows with each other, the ``H1-short``
 rows with each other. H1 reads the two budgets' DACL − CPS side by side: the short pair is the
 same protocol as the long one (3 patients, bfloat16, one commit) at the preset's 3000 steps, so
-the only difference between the two gaps is the budget.
+the only difference between the two gaps is the budget. H1's verdict (``h1_verdict``) is fixed
+in advance: supported when the 9000-step gap is positive beyond its spread and grows beyond the
+larger of the two gaps' spreads, on two seeds of each pair.
 
 The two ``H1-long`` runs use bfloat16 autocast (``--amp bf16``), both of them, so the pair
 stays paired: on this project's CPU (AVX512-BF16) a DACL step takes 0.67x the float32 one
@@ -173,6 +175,22 @@ def _stat(xs: Sequence[float]) -> dict:
         else {"mean": None, "std": None, "n": 0}
 
 
+def h1_verdict(short: dict, long: dict) -> Optional[str]:
+    """H1 (the budget), decided like the rows' "moves": on two seeds of each pair, never fewer.
+
+    "supported" when DACL − CPS at 9000 steps is positive beyond its own spread (its mean exceeds
+    its standard deviation over seeds) *and* exceeds DACL − CPS at 3000 steps by more than the
+    larger of the two gaps' standard deviations: a longer budget lets DACL pull ahead of CPS.
+    "not supported" otherwise; None (undecided) while either gap has fewer than two seeds.
+    The rule was fixed before any 9000-step run had finished.
+    """
+    if not short or not long or short.get("n", 0) < 2 or long.get("n", 0) < 2:
+        return None
+    margin = max(short["std"], long["std"])
+    grows = long["mean"] - short["mean"] > margin and long["mean"] > long["std"]
+    return "supported" if grows else "not supported"
+
+
 def collect(args) -> dict:
     rows = []
     for variant, spec in VARIANTS.items():
@@ -209,6 +227,7 @@ def collect(args) -> dict:
             r["moves"] = r["score"]["mean"] - max(b["mean"] for b in bases) > margin
     # H1: DACL - CPS at the 3x budget against the same at the preset's budget (3 patients, bf16, both)
     h1 = {budget: by[f"H1-{budget}-dacl"]["minus_cps"] for budget in ("short", "long")}
+    h1["verdict"] = h1_verdict(h1["short"], h1["long"])
     table = {"what": "ACDC cpu preset, validation split only (all 20 volumes); score = mean validation Dice (%) of "
                      f"the last {LAST} validations (every 500 steps); differences paired by seed, each row against "
                      "the CPS and DACL of its own budget",
@@ -243,7 +262,7 @@ def markdown(table: dict) -> str:
     h1 = table["h1"]
     lines += ["", "H1 (budget), DACL − CPS paired by seed at 3 patients: " + ", ".join(
         f"{_fmt(h1[b], True)} ({h1[b]['n']} seed{'' if h1[b]['n'] == 1 else 's'}) at {steps} steps" for b, steps in (("short", 3000), ("long", 9000)))
-        + "."]
+        + f". H1: {h1.get('verdict') or 'undecided (two seeds of each pair decide it)'}."]
     return "\n".join(lines) + "\n"
 
 

@@ -214,4 +214,18 @@ def test_h1_rows_are_paired_within_their_own_budget(tmp_path):
     assert rows["H1-long-cps"]["minus_dacl"]["mean"] == pytest.approx(3.5) and "minus_cps" not in rows["H1-long-cps"]
     assert table["h1"]["short"]["mean"] == pytest.approx(1.0) and table["h1"]["long"]["n"] == 2
     md = (tmp_path / "out" / "hyp.md").read_text()
-    assert "+1.00 ± 0.00 (2 seeds) at 3000 steps, -3.50 ± 0.71 (2 seeds) at 9000 steps" in md
+    assert "+1.00 ± 0.00 (2 seeds) at 3000 steps, -3.50 ± 0.71 (2 seeds) at 9000 steps. H1: not supported." in md
+    assert table["h1"]["verdict"] == "not supported"
+
+
+@pytest.mark.parametrize("short, long, expected", [
+    ([1.0, 1.0], [4.0, 5.0], "supported"),        # grows by 3.5 > 0.71, and 4.5 > 0.71
+    ([0.0, 2.0], [1.5, 2.5], "not supported"),    # grows by 1.0, within the short gap's spread (1.41)
+    ([-3.0, -3.0], [-1.0, 2.0], "not supported"),  # grows by 3.5 > 2.12, but 0.5 is within its own spread
+    ([0.0, 0.0], [-1.0, -2.0], "not supported"),  # shrinks
+    ([1.0], [5.0, 5.0], None),                    # one seed of the short pair: undecided
+    ([1.0, 1.0], [5.0], None),                    # one seed of the long pair: undecided
+])
+def test_h1_verdict_needs_two_seeds_and_a_gap_that_grows_beyond_the_spread(short, long, expected):
+    stat = hypotheses._stat
+    assert hypotheses.h1_verdict(stat(short), stat(long)) == expected
