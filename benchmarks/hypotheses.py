@@ -184,7 +184,7 @@ def h1_verdict(short: dict, long: dict) -> Optional[str]:
     "not supported" otherwise; None (undecided) while either gap has fewer than two seeds.
     The rule was fixed before any 9000-step run had finished.
     """
-    if not short or not long or short.get("n", 0) < 2 or long.get("n", 0) < 2:
+    if min((short or {}).get("n", 0), (long or {}).get("n", 0)) < 2:
         return None
     margin = max(short["std"], long["std"])
     grows = long["mean"] - short["mean"] > margin and long["mean"] > long["std"]
@@ -260,9 +260,10 @@ def markdown(table: dict) -> str:
                      f"{_fmt(r.get('minus_cps'), True)} | {_fmt(r.get('minus_dacl'), True)} | {moves} | "
                      f"{', '.join(r['commits']) or '–'} |")
     h1 = table["h1"]
-    lines += ["", "H1 (budget), DACL − CPS paired by seed at 3 patients: " + ", ".join(
-        f"{_fmt(h1[b], True)} ({h1[b]['n']} seed{'' if h1[b]['n'] == 1 else 's'}) at {steps} steps" for b, steps in (("short", 3000), ("long", 9000)))
-        + f". H1: {h1.get('verdict') or 'undecided (two seeds of each pair decide it)'}."]
+    gaps = ", ".join(f"{_fmt(h1[b], True)} ({h1[b]['n']} seed{'' if h1[b]['n'] == 1 else 's'}) at {steps} steps"
+                     for b, steps in (("short", 3000), ("long", 9000)))
+    verdict = h1.get("verdict") or "undecided (two seeds of each pair decide it)"
+    lines += ["", f"H1 (budget), DACL − CPS paired by seed at 3 patients: {gaps}. H1: {verdict}."]
     return "\n".join(lines) + "\n"
 
 
